@@ -1,0 +1,71 @@
+"""Command line: `python -m tinymim config|run|mae ...` (see README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import PROFILES, STAGES, ConfigError, get_config, parse_overrides
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, default="smoke", help="smoke (CPU minutes) or paper (Tables 1-3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set lr=1e-3 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinymim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config of a stage as JSON")
+    p.add_argument("stage", choices=sorted(STAGES))
+    p.add_argument("--model", default=None, help="e.g. vit_tiny, vit_small, vit_base, micro_tiny")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="execute the notebooks in order into a run directory")
+    p.add_argument("--profile", choices=PROFILES, default="smoke")
+    p.add_argument("--out", default=None, help="run directory (default: reports/<profile>)")
+    p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra papermill parameter (JSON value or string), repeatable")
+
+    p = sub.add_parser("mae", help="MAE pre-training of a teacher encoder")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", required=True, help="run directory; teacher.pth is written there")
+    _add_common(p)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "config":
+            cfg = get_config(args.stage, args.model, args.profile, parse_overrides(args.overrides))
+            print(json.dumps(cfg.to_dict(), indent=2))
+        elif args.command == "run":
+            from .runner import NotebookFailed, run
+
+            params = {}
+            for k, v in parse_overrides(args.params).items():
+                try:
+                    params[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    params[k] = v
+            try:
+                result = run(args.profile, args.out, args.only.split(",") if args.only else None, parameters=params)
+            except NotebookFailed as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"run directory: {result.run_dir}")
+        elif args.command == "mae":
+            from .mae import pretrain_mae
+
+            cfg = get_config("mae", args.model, args.profile, parse_overrides(args.overrides))
+            print(f"teacher: {pretrain_mae(cfg, args.out)}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

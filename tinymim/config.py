@@ -1,0 +1,347 @@
+"""Stage configs and the two profiles, `smoke` and `paper`.
+
+Every stage (mae, pretrain, finetune, segmentation, robustness) has one dataclass. A
+config is resolved from (stage, model, profile) plus `key=value` overrides, validated
+against the dataclass field types, and serialised as plain JSON into every run
+directory, so a run can always be traced back to the exact values it used.
+
+`paper` values are the supplementary Tables 1-3 (TinyMIM, CVPR 2023); the same figures
+are kept as data in `resources/paper_tables.json` and the tests compare the two.
+`smoke` keeps every code path but shrinks model, data and schedule to CPU minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+PROFILES = ("smoke", "paper")
+PAPER_MODELS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that cannot be used."""
+
+
+@dataclass
+class BaseConfig:
+    """Fields every training or evaluation stage shares (the engine reads these)."""
+
+    profile: str = "smoke"
+    model: str = "micro_tiny"
+    seed: int = 0
+    data: str = "synthetic"  # "synthetic" or a dataset root folder
+    input_size: int = 32
+    batch_size: int = 256  # effective batch (per step, all devices, after accumulation)
+    micro_batch_size: Optional[int] = None  # per device and forward pass; None = batch_size / world
+    lr: Optional[float] = None  # peak lr at `batch_size`; derived from blr when None
+    blr: Optional[float] = None  # base lr per 256 images: lr = blr * batch_size / 256
+    min_lr: float = 1e-5
+    schedule: str = "cosine"  # cosine | linear
+    epochs: float = 1.0
+    warmup_epochs: float = 0.0
+    steps: Optional[int] = None  # overrides epochs when set
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    drop_path: float = 0.1
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    num_workers: int = 0
+    log_every: int = 20
+    ckpt_every: int = 500
+
+    def finalize(self) -> None:
+        """Derive dependent values and check combinations; called after overrides."""
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile: expected one of {PROFILES}, got {self.profile!r}")
+        if self.lr is None:
+            if self.blr is None:
+                raise ConfigError("lr: set either lr or blr")
+            self.lr = self.blr * self.batch_size / 256
+        for name in ("batch_size", "input_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: expected a positive value, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ConfigError(f"schedule: expected 'cosine' or 'linear', got {self.schedule!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ConfigError(f"amp: expected auto|bf16|fp16|none, got {self.amp!r}")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"drop_path: expected a value in [0, 1), got {self.drop_path}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stage"] = STAGE_OF[type(self)]
+        return d
+
+
+@dataclass
+class MAEConfig(BaseConfig):
+    """MAE pre-training (He et al., 2022) -- makes teachers; not part of TinyMIM's tables."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+
+
+@dataclass
+class PretrainConfig(BaseConfig):
+    """TinyMIM distillation pre-training (Table 1)."""
+
+    teacher: str = "micro_base"
+    teacher_path: Optional[str] = None  # None in smoke = make (and cache) the MAE micro teacher
+    teacher_block: Optional[int] = None  # 1-indexed; None = METHOD.md default for the teacher
+    target: str = "relation"  # relation | feature | cls
+    mask_ratio: float = 0.0  # masking of the student input (ablation); 0 = none, as the paper
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    color_jitter: float = 0.4  # student view only
+    student_heads: Optional[int] = None  # heads of all but the last block; None = the model's
+
+    def finalize(self) -> None:
+        super().finalize()
+        if self.target not in ("relation", "feature", "cls"):
+            raise ConfigError(f"target: expected relation|feature|cls, got {self.target!r}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ConfigError(f"mask_ratio: expected a value in [0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class FinetuneConfig(BaseConfig):
+    """ImageNet-1K fine-tuning following MAE (Table 2)."""
+
+    num_classes: int = 10
+    pretrained: Optional[str] = None  # checkpoint path; None = from scratch
+    pretrain_epochs: int = 300  # selects ViT-B's drop path (Table 2 footnote)
+    heads: Optional[int] = None  # head count of the fine-tuned model; None = the model's
+    layer_decay: float = 0.65
+    global_pool: str = "avg"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    reprob: float = 0.25
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    color_jitter: Optional[float] = None  # MAE fine-tuning uses RandAugment instead
+
+
+@dataclass
+class SegmentationConfig(BaseConfig):
+    """ADE20K UperNet fine-tuning (Table 3)."""
+
+    num_classes: int = 150
+    pretrained: Optional[str] = None
+    layer_decay: float = 0.75
+    out_indices: tuple[int, ...] = (3, 5, 7, 11)
+    aux_weight: float = 0.4
+    slide_stride: int = 341
+    reduce_zero_label: bool = True
+
+
+@dataclass
+class RobustnessConfig(BaseConfig):
+    """ImageNet-A/R/C evaluation; only evaluation fields matter."""
+
+    checkpoint: Optional[str] = None
+    corruptions: tuple[str, ...] = (
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+        "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+        "elastic_transform", "pixelate", "jpeg_compression",
+    )
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    resize: Optional[int] = None  # None = centre crop only, as hendrycks' ImageNet-C script
+
+
+STAGES: dict[str, type[BaseConfig]] = {
+    "mae": MAEConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "segmentation": SegmentationConfig,
+    "robustness": RobustnessConfig,
+}
+STAGE_OF = {cls: name for name, cls in STAGES.items()}
+
+# ---------------------------------------------------------------------------------
+# paper presets: supplementary Tables 1-3 (and the MAE paper for `mae`)
+
+
+def _paper(stage: str, model: str) -> dict[str, Any]:
+    common = dict(input_size=224, eps=1e-8, weight_decay=0.05, num_workers=10, log_every=50, ckpt_every=2000)
+    if stage == "mae":  # MAE paper, Table 8 (pre-training setting)
+        return common | dict(batch_size=4096, blr=1.5e-4, min_lr=0.0, epochs=800, warmup_epochs=40,
+                             betas=(0.9, 0.95), drop_path=0.0, decoder_dim=512, decoder_depth=8)
+    if stage == "pretrain":  # Table 1, 300-epoch schedule (main text); 100/5 also listed
+        teacher = "vit_large" if model == "vit_base" else "vit_base"
+        return common | dict(batch_size=4096, blr=1.5e-4, min_lr=1e-5, schedule="cosine", epochs=300,
+                             warmup_epochs=15, betas=(0.9, 0.95), drop_path=0.1, color_jitter=0.4,
+                             crop_scale=(0.2, 1.0), teacher=teacher, target="relation", mask_ratio=0.0)
+    if stage == "finetune":  # Table 2
+        per_model = {"vit_tiny": (5e-3, 200, 2048), "vit_small": (5e-3, 200, 2048), "vit_base": (2e-3, 100, 1024)}
+        lr, epochs, batch = per_model.get(model, per_model["vit_base"])
+        return common | dict(lr=lr, epochs=epochs, batch_size=batch, warmup_epochs=5, layer_decay=0.65,
+                             betas=(0.9, 0.95), schedule="cosine", min_lr=1e-6, drop_path=0.1, label_smoothing=0.1,
+                             reprob=0.25, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
+                             num_classes=1000, clip_grad=None)
+    if stage == "segmentation":  # Table 3 (ViT-S/B; ViT-T reuses it)
+        return common | dict(input_size=512, lr=1e-4, steps=160000, warmup_steps=1500, batch_size=16,
+                             betas=(0.9, 0.999), layer_decay=0.75, min_lr=0.0, schedule="linear",
+                             drop_path=0.1, num_classes=150, num_workers=4, ckpt_every=16000)
+    if stage == "robustness":
+        return common | dict(batch_size=256, lr=0.0, drop_path=0.0)
+    raise ConfigError(f"unknown stage {stage!r}")
+
+
+def _smoke(stage: str, model: str) -> dict[str, Any]:
+    common = dict(input_size=32, num_workers=0, log_every=20, ckpt_every=200, weight_decay=0.05)
+    if stage == "mae":
+        return common | dict(model="micro_base", batch_size=256, lr=1.5e-3, min_lr=1e-5, steps=1500,
+                             warmup_steps=100, betas=(0.9, 0.95), drop_path=0.0, decoder_dim=96,
+                             decoder_depth=2, decoder_heads=3, crop_scale=(0.35, 1.0))
+    if stage == "pretrain":
+        return common | dict(batch_size=256, lr=1.5e-3, steps=600, warmup_steps=60, betas=(0.9, 0.95),
+                             drop_path=0.1, teacher="micro_base", color_jitter=0.4, crop_scale=(0.35, 1.0))
+    if stage == "finetune":
+        return common | dict(batch_size=128, lr=1e-3, steps=800, warmup_steps=80, layer_decay=0.75,
+                             betas=(0.9, 0.999), drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
+                             reprob=0.0, rand_augment="", num_classes=10, min_lr=1e-5)
+    if stage == "segmentation":
+        return common | dict(lr=1e-3, steps=600, warmup_steps=50, batch_size=32, betas=(0.9, 0.999),
+                             layer_decay=0.9, min_lr=0.0, schedule="linear", drop_path=0.0,
+                             num_classes=11, out_indices=(0, 1, 2, 3), slide_stride=21, reduce_zero_label=False)
+    if stage == "robustness":
+        return common | dict(batch_size=500, lr=0.0, drop_path=0.0, severities=(1, 2, 3, 4, 5))
+    raise ConfigError(f"unknown stage {stage!r}")
+
+
+# ---------------------------------------------------------------------------------
+# resolution and validation
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (a string from the command line, or a Python value) to type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if isinstance(value, str) and (tp in (int, float, bool) or origin is tuple):
+        try:
+            value = json.loads(value if not origin is tuple or value.startswith("[") else f"[{value}]")
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(tp)
+        item = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(key, v, item) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`["lr=1e-3", "betas=0.9,0.99"]` -> {"lr": "1e-3", "betas": "0.9,0.99"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def get_config(
+    stage: str,
+    model: str | None = None,
+    profile: str = "smoke",
+    overrides: dict[str, Any] | None = None,
+) -> BaseConfig:
+    """Resolve the config of `stage` for `model` under `profile`, then apply overrides.
+
+    `model` defaults to the profile's student (smoke: micro_tiny; paper: vit_small).
+    Overrides are validated: an unknown key or a value of the wrong type raises
+    ConfigError naming the key and what was expected.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"stage: expected one of {sorted(STAGES)}, got {stage!r}")
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: expected one of {PROFILES}, got {profile!r}")
+    cls = STAGES[stage]
+    preset = _paper(stage, model or "vit_small") if profile == "paper" else _smoke(stage, model or "micro_tiny")
+    values = {"profile": profile, "model": model or ("vit_small" if profile == "paper" else "micro_tiny")} | preset
+    if model:
+        values["model"] = model
+    if profile == "paper" and stage == "finetune" and values["model"] == "vit_base":
+        values["drop_path"] = 0.2 if values.get("pretrain_epochs", 300) >= 300 else 0.1
+    types_ = _field_types(cls)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {sorted(types_)}")
+    if "lr" in overrides:  # an explicit lr wins over the batch-scaled base lr
+        values["blr"] = None
+    elif "batch_size" in overrides and values.get("blr") is not None:
+        values.pop("lr", None)
+    if profile == "paper" and stage == "finetune" and "pretrain_epochs" in overrides and "drop_path" not in overrides:
+        if values["model"] == "vit_base":
+            pe = _coerce("pretrain_epochs", overrides["pretrain_epochs"], int)
+            values["drop_path"] = 0.2 if pe >= 300 else 0.1
+    values.update(overrides)
+    kwargs = {k: _coerce(k, v, types_[k]) for k, v in values.items()}
+    if kwargs.get("blr") is not None and "lr" not in overrides:
+        kwargs["lr"] = None
+    cfg = cls(**kwargs)
+    cfg.finalize()
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> BaseConfig:
+    """Rebuild a config saved with `to_dict` (e.g. from a checkpoint or run directory)."""
+    d = dict(d)
+    stage = d.pop("stage")
+    types_ = _field_types(STAGES[stage])
+    cfg = STAGES[stage](**{k: _coerce(k, v, types_[k]) for k, v in d.items() if k in types_})
+    cfg.finalize()
+    return cfg
+
+
+__all__ = [
+    "BaseConfig", "MAEConfig", "PretrainConfig", "FinetuneConfig", "SegmentationConfig",
+    "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "get_config", "from_dict",
+    "parse_overrides", "field",
+]

@@ -1,0 +1,54 @@
+"""Data: the built-in synthetic dataset, folders on disk, and batch sources for the engine.
+
+`synthetic` makes the smoke profile's data from a seed; `folders` reads ImageNet-style
+folders and ADE20K; `transforms` holds the batched augmentations for in-memory data.
+The helpers below turn a config's `data` field into what the engine iterates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .batches import LoaderBatches, TensorBatches
+from .folders import ADE20K, DataError, ImageNetFolder, open_rgb, reduce_zero_label, resource_lines
+from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
+
+# sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
+# (MAE / distillation) pre-training and a smaller labelled set, where pre-training pays
+SMOKE_SPLITS = {"pool": 20000, "train": 5000, "val": 2000}
+
+
+def synthetic(split: str, cfg: Any | None = None, size: int | None = None) -> SyntheticShapes:
+    """A split of the synthetic data at the config's input size and seed."""
+    image_size = getattr(cfg, "input_size", 32)
+    return SyntheticShapes(SyntheticSpec(image_size=image_size), split, size or SMOKE_SPLITS[split])
+
+
+def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
+    """Unlabelled images for pre-training (MAE or distillation), as engine batches.
+
+    Synthetic: uint8 tensors, augmented on the fly by the task. A folder: an
+    ImageNet-style tree read with RandomResizedCrop + flip per sample.
+    """
+    if cfg.data == "synthetic":
+        pool = synthetic("pool", cfg)
+        return TensorBatches(pool.images, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+    from torchvision import transforms as T
+
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = T.Compose([
+        T.RandomResizedCrop(cfg.input_size, scale=tuple(cfg.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    ds = ImageNetFolder(cfg.data, transform=tf)
+    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
+                         world_size=world_size)
+
+
+__all__ = [
+    "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "TensorBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
+    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines", "synthetic",
+]

@@ -1,0 +1,301 @@
+"""The one training loop: pre-training, MAE, fine-tuning and segmentation all run here.
+
+A *task* is an `nn.Module` whose `forward(*batch)` returns `(loss, components)`; its
+trainable parameters (requires_grad) are what the optimizer sees, so a frozen teacher
+inside a distillation task costs no optimizer state. The loop is deliberately flat
+(MAE's `train_one_epoch` is the model): per-iteration lr schedule, gradient
+accumulation to the config's effective batch, AMP, DDP when launched by torchrun,
+atomic checkpoints and exact resume, a NaN guard, tqdm and JSON-lines metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+from tqdm.auto import tqdm
+
+from .config import BaseConfig
+from .models import atomic_save
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class Batches(Protocol):
+    """What the engine iterates: per-rank batches, reproducible from (epoch, start)."""
+
+    def __len__(self) -> int: ...  # batches per epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Sequence[torch.Tensor]]: ...
+
+
+@dataclass
+class Plan:
+    """How the config's effective batch maps onto this run's devices."""
+
+    steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    world_size: int
+    accum_steps: int
+    micro_batch: int
+
+
+def make_plan(cfg: BaseConfig, steps_per_epoch: int, world_size: int = 1) -> Plan:
+    per_rank = cfg.batch_size // world_size
+    micro = min(cfg.micro_batch_size or per_rank, per_rank)
+    if cfg.batch_size % world_size or per_rank % micro:
+        raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {world_size} device(s) "
+                         f"x micro_batch_size {micro}")
+    steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= steps and steps > 1:
+        raise ValueError(f"warm-up ({warmup} steps) must be shorter than training ({steps} steps)")
+    return Plan(steps, warmup, steps_per_epoch, world_size, per_rank // micro, micro)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """'auto': bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def build_optimizer(task: nn.Module, cfg: BaseConfig) -> torch.optim.Optimizer:
+    """AdamW with timm's param groups: no decay on biases, norms and the model's
+    `no_weight_decay()` names (position embedding, class token). With `layer_decay` in
+    the config, the task keeps all trainable weights in one timm model, `task.model`,
+    whose `group_matcher` gives timm's layer-wise lr decay."""
+    layer_decay = getattr(cfg, "layer_decay", None)
+    target = task.model if layer_decay is not None else task
+    return create_optimizer_v2(target, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               layer_decay=layer_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: BaseConfig, plan: Plan):
+    """Per-iteration linear warm-up, then cosine (or linear) decay to `min_lr`."""
+    common = dict(t_initial=max(1, plan.steps - plan.warmup_steps), lr_min=cfg.min_lr,
+                  warmup_t=plan.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    if cfg.schedule == "linear":
+        return PolyLRScheduler(optimizer, power=1.0, **common)
+    return CosineLRScheduler(optimizer, **common)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _trainable_state(task: nn.Module) -> dict[str, torch.Tensor]:
+    """State of the parts that train (frozen teachers are rebuilt, not checkpointed)."""
+    frozen = {n for n, p in task.named_parameters() if not p.requires_grad and n.split(".")[0] == "teacher"}
+    return {k: v for k, v in task.state_dict().items() if k not in frozen and not k.startswith("teacher.")}
+
+
+def train(
+    task: nn.Module,
+    batches: Batches,
+    cfg: BaseConfig,
+    run_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train `task` for the configured steps, resuming from `run_dir/checkpoint.pth`.
+
+    Returns the last logged metrics. `stop_after` ends the run early after that many
+    steps (as a kill would), leaving a checkpoint -- for tests and time-boxed runs.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    rank, world = _world()
+    plan = make_plan(cfg, len(batches), world)
+    task.to(device)
+    optimizer = build_optimizer(task, cfg)
+    scheduler = build_scheduler(optimizer, cfg, plan)
+    dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model = task
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    ckpt_path = run_dir / "checkpoint.pth"
+    step = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        task.load_state_dict(state["task"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+    else:
+        seed_everything(cfg.seed + rank)
+    if step >= plan.steps:
+        return _last_metrics(run_dir)
+
+    def save(step: int) -> None:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if rank == 0:
+            atomic_save({"task": _trainable_state(task), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "rng": rngs,
+                         "config": cfg.to_dict(), "plan": plan.__dict__}, ckpt_path)
+
+    log = _open_log(run_dir, step) if rank == 0 else None
+    writer = _tensorboard(run_dir) if rank == 0 else None
+    bar = tqdm(total=plan.steps, initial=step, disable=not progress or rank != 0, desc=run_dir.name, leave=False)
+    sums: dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    last: dict[str, Any] = {}
+    end = plan.steps if stop_after is None else min(plan.steps, step + stop_after)
+    task.train()
+    epoch, offset = divmod(step, plan.steps_per_epoch)
+    it = batches.epoch(epoch, offset)
+    while step < end:
+        try:
+            batch = next(it)
+        except StopIteration:
+            epoch += 1
+            it = batches.epoch(epoch)
+            continue
+        scheduler.step_update(step)
+        batch = [t.to(device, non_blocking=True) for t in batch]
+        chunks = list(zip(*(t.split(plan.micro_batch) for t in batch)))
+        for i, chunk in enumerate(chunks):
+            sync = i == len(chunks) - 1
+            ctx = model.no_sync() if world > 1 and not sync else nullcontext()
+            with ctx, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, parts = model(*chunk)
+            scaler.scale(loss / len(chunks)).backward()
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / len(chunks)
+            bad |= ~torch.isfinite(loss.detach())
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(task.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        is_log = step % cfg.log_every == 0 or step == end
+        is_ckpt = step % cfg.ckpt_every == 0 or step == end
+        if is_log or is_ckpt:
+            if bool(bad):  # one host sync per log/checkpoint, never per step
+                raise TrainingDiverged(
+                    f"{run_dir}: loss became NaN/inf between steps {step - window_steps + 1} and {step}; "
+                    f"the last good checkpoint ({ckpt_path}) is kept. Lower lr or check the data.")
+        if is_log:
+            elapsed = time.perf_counter() - window_start
+            last = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                    "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
+                    **{k: float(v) / window_steps for k, v in sums.items()},
+                    "imgs_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9)}
+            if world > 1:
+                last = _mean_across_ranks(last)
+            if log is not None:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+            if writer is not None:
+                for k, v in last.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, step)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+        if is_ckpt:
+            save(step)
+    bar.close()
+    if log is not None:
+        log.close()
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def _mean_across_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = [k for k in metrics if k not in ("step", "epoch", "lr")]
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    out = dict(metrics)
+    for k, v in zip(keys, (t / dist.get_world_size()).tolist()):
+        out[k] = v
+    out["imgs_per_s"] = metrics["imgs_per_s"]
+    return out
+
+
+def _open_log(run_dir: Path, step: int):
+    """Open metrics.jsonl for appending, dropping lines logged after the resumed step."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    return open(path, "a")
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All logged steps of a run, for plots."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+

@@ -1,0 +1,177 @@
+"""MAE pre-training (He et al., 2022): how the smoke profile makes its teacher.
+
+The encoder is a timm ViT from `models.build_model`; this module adds MAE's random
+masking, its light decoder and the per-patch normalised pixel loss. The state-dict
+layout is the official one (`encoder.` prefixed here, which the loader strips), so an
+MAE made here loads through exactly the code path of an official `_full` checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from . import engine
+from .config import MAEConfig, get_config
+from .data import pool_batches
+from .data.transforms import normalize, random_resized_crop_flip
+from .models import ModelSpec, build_model, save_model, sincos_pos_embed
+
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """N x 3 x H x W -> N x L x (p*p*3), patches in row-major order as MAE."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def random_masking(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a random (1 - ratio) of the tokens per sample; mask is 1 where removed."""
+    n, length, d = x.shape
+    keep = int(length * (1 - ratio))
+    noise = torch.rand(n, length, device=x.device)
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+    mask = torch.ones(n, length, device=x.device)
+    mask[:, :keep] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore
+
+
+class MAE(nn.Module):
+    """Masked autoencoder around a timm ViT encoder; forward(images) -> (loss, parts)."""
+
+    def __init__(self, encoder: VisionTransformer, cfg: MAEConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+        d, dd = encoder.embed_dim, cfg.decoder_dim
+        self.patch = encoder.patch_embed.patch_size[0]
+        num_patches = encoder.patch_embed.num_patches
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        grid = encoder.patch_embed.grid_size[0]
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(dd, grid), persistent=True)
+        self.decoder_blocks = nn.ModuleList(Block(dd, cfg.decoder_heads, 4.0, qkv_bias=True) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(dd, self.patch ** 2 * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        assert num_patches == self.decoder_pos_embed.shape[1] - 1
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc = self.encoder
+        x = enc.patch_embed(x) + enc.pos_embed[:, 1:]
+        x, mask, ids_restore = random_masking(x, self.cfg.mask_ratio)
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = enc.blocks(torch.cat([cls, x], dim=1))
+        return enc.norm(x), mask, ids_restore
+
+    def decode(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(x)
+        n, length = ids_restore.shape
+        tokens = torch.cat([x[:, 1:], self.mask_token.expand(n, length + 1 - x.shape[1], -1)], dim=1)
+        tokens = tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = patchify(images, self.patch)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, images: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x = images
+        if x.dtype == torch.uint8:  # in-memory data: augment on the fly
+            x = random_resized_crop_flip(x.float() / 255, self.encoder.patch_embed.img_size[0],
+                                         scale=self.cfg.crop_scale)
+            x = normalize(x)
+        latent, mask, ids_restore = self.encode(x)
+        pred = self.decode(latent, ids_restore)
+        return self.loss(x, pred, mask), {}
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction in pixel space of the normalised input, mask image) for plots."""
+        x = normalize(images)
+        latent, mask, ids_restore = self.encode(x)
+        pred = self.decode(latent, ids_restore)
+        if self.cfg.norm_pix_loss:
+            target = patchify(x, self.patch)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        p, g = self.patch, x.shape[-1] // self.patch
+        def unpatch(t: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nhwpqc->nchpwq", t.reshape(-1, g, g, p, p, 3)).reshape(-1, 3, g * p, g * p)
+        mask_img = unpatch(mask.unsqueeze(-1).expand(-1, -1, p * p * 3))
+        return unpatch(pred), mask_img
+
+
+def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Train an MAE per `cfg` in `run_dir`; returns the encoder checkpoint (teacher.pth)."""
+    run_dir = Path(run_dir)
+    spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
+    encoder = build_model(spec, drop_path=cfg.drop_path)
+    task = MAE(encoder, cfg)
+    engine.train(task, pool_batches(cfg), cfg, run_dir, progress=progress)
+    out = run_dir / "teacher.pth"
+    save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
+    torch.save(task.state_dict(), run_dir / ".mae_full.tmp")
+    os.replace(run_dir / ".mae_full.tmp", run_dir / "mae_full.pth")
+    return out
+
+
+def smoke_teacher(run_dir: str | os.PathLike | None = None, overrides: dict | None = None,
+                  progress: bool = True) -> Path:
+    """The smoke profile's MAE micro teacher: trained once, cached, copied into `run_dir`.
+
+    The cache key is the resolved config, so changing any MAE setting makes a new one.
+    """
+    cfg = get_config("mae", profile="smoke", overrides=overrides)
+    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("TINYMIM_CACHE", Path.home() / ".cache" / "tinymim")) / "teachers" / key
+    teacher = cache / "teacher.pth"
+    if not teacher.exists():
+        pretrain_mae(cfg, cache, progress=progress)
+    if run_dir is None:
+        return teacher
+    dest = Path(run_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("teacher.pth", "mae_full.pth", "metrics.jsonl"):
+        shutil.copy2(cache / name, dest / name)
+    return dest / "teacher.pth"
+
+
+
+def obtain_teacher(profile: str, run_dir: str | os.PathLike, name: str | None = None,
+                   path: str | os.PathLike | None = None, overrides: dict | None = None,
+                   progress: bool = True) -> Path:
+    """The teacher checkpoint of a run: the given `path`, or in `smoke` without one, the
+    cached MAE micro teacher copied into `run_dir`. Fails early if it cannot load."""
+    from .models import load_teacher
+
+    if path is None:
+        if profile != "smoke":
+            raise ValueError("profile 'paper' needs teacher_path: an official MAE checkpoint "
+                             "(e.g. mae_pretrain_vit_base.pth) or a tinymim checkpoint")
+        return smoke_teacher(run_dir, overrides, progress=progress)
+    load_teacher(name, path)  # validate now, before any expensive work downstream
+    return Path(path)

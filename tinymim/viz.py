@@ -1,0 +1,75 @@
+"""Figures for the notebooks: MAE reconstructions, attention maps, training curves."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .distill import attention_maps
+
+
+def _to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Normalised C x H x W -> H x W x C in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def plot_reconstruction(mae_model, images: torch.Tensor, n: int = 6):
+    """Rows: input, masked input, MAE reconstruction (visible patches pasted back)."""
+    torch.manual_seed(0)
+    mae_model.eval()
+    x = normalize(images[:n])
+    recon, mask = mae_model.reconstruct(images[:n])
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
+    for i in range(n):
+        rows = [x[i], x[i] * (1 - mask[i]), x[i] * (1 - mask[i]) + recon[i] * mask[i]]
+        for r, img in enumerate(rows):
+            axes[r, i].imshow(_to_rgb(img), interpolation="nearest")
+            axes[r, i].axis("off")
+    for r, title in enumerate(("input", "masked (75%)", "reconstruction")):
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention(model: VisionTransformer, images: torch.Tensor, block: int | None = None, n: int = 4):
+    """Class-token attention of each head of `block` (default: last), over the patch grid."""
+    x = normalize(images[:n])
+    attn = attention_maps(model, x, block)  # B x H x N x N
+    grid = model.patch_embed.grid_size
+    cls = attn[:, :, 0, model.num_prefix_tokens:].reshape(n, attn.shape[1], *grid)
+    heads = attn.shape[1]
+    fig, axes = plt.subplots(n, heads + 1, figsize=(1.3 * (heads + 1), 1.3 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(_to_rgb(x[i]), interpolation="nearest")
+        for h in range(heads):
+            axes[i, h + 1].imshow(cls[i, h], cmap="viridis")
+            if i == 0:
+                axes[i, h + 1].set_title(f"head {h + 1}", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(f"[CLS] attention, block {block or len(model.blocks)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: dict[str, Sequence[dict]], key: str = "loss", ax=None):
+    """Logged `key` against step for several runs (records from engine.read_metrics)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    for name, records in runs.items():
+        ax.plot([r["step"] for r in records], [r[key] for r in records], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.legend()
+    return ax
+
+
+def save(fig, path: str | os.PathLike) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
