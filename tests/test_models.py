@@ -4,8 +4,19 @@ import pickle
 import pytest
 import torch
 
-from tinymim.models import (ARCHS, CheckpointError, ModelSpec, atomic_save, atomic_save_safetensors, build_model,
-                            load_teacher, model_spec, paper_model_specs, save_model, summary_row)
+from tinymim.models import (
+    ARCHS,
+    CheckpointError,
+    ModelSpec,
+    atomic_save,
+    atomic_save_safetensors,
+    build_model,
+    load_teacher,
+    model_spec,
+    paper_model_specs,
+    save_model,
+    summary_row,
+)
 
 
 def test_published_model_sizes():

@@ -16,11 +16,13 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Union
 
 PROFILES = ("smoke", "paper")
-PAPER_MODELS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+# (is the MAE stage, profile) -> default model: students distil, teachers are MAE-trained
+DEFAULT_MODELS = {(False, "smoke"): "micro_tiny", (False, "paper"): "vit_small",
+                  (True, "smoke"): "micro_base", (True, "paper"): "vit_base"}
 
 
 class ConfigError(ValueError):
@@ -37,19 +39,19 @@ class BaseConfig:
     data: str = "synthetic"  # "synthetic" or a dataset root folder
     input_size: int = 32
     batch_size: int = 256  # effective batch (per step, all devices, after accumulation)
-    micro_batch_size: Optional[int] = None  # per device and forward pass; None = batch_size / world
-    lr: Optional[float] = None  # peak lr at `batch_size`; derived from blr when None
-    blr: Optional[float] = None  # base lr per 256 images: lr = blr * batch_size / 256
+    micro_batch_size: int | None = None  # per device and forward pass; None = batch_size / world
+    lr: float | None = None  # peak lr at `batch_size`; derived from blr when None
+    blr: float | None = None  # base lr per 256 images: lr = blr * batch_size / 256
     min_lr: float = 1e-5
     schedule: str = "cosine"  # cosine | linear
     epochs: float = 1.0
     warmup_epochs: float = 0.0
-    steps: Optional[int] = None  # overrides epochs when set
-    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
+    steps: int | None = None  # overrides epochs when set
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     drop_path: float = 0.1
     amp: str = "auto"  # auto | bf16 | fp16 | none
     num_workers: int = 0
@@ -97,13 +99,13 @@ class PretrainConfig(BaseConfig):
     """TinyMIM distillation pre-training (Table 1)."""
 
     teacher: str = "micro_base"
-    teacher_path: Optional[str] = None  # None in smoke = make (and cache) the MAE micro teacher
-    teacher_block: Optional[int] = None  # 1-indexed; None = METHOD.md default for the teacher
+    teacher_path: str | None = None  # None in smoke = make (and cache) the MAE micro teacher
+    teacher_block: int | None = None  # 1-indexed; None = METHOD.md default for the teacher
     target: str = "relation"  # relation | feature | cls
     mask_ratio: float = 0.0  # masking of the student input (ablation); 0 = none, as the paper
     crop_scale: tuple[float, float] = (0.2, 1.0)
     color_jitter: float = 0.4  # student view only
-    student_heads: Optional[int] = None  # heads of all but the last block; None = the model's
+    student_heads: int | None = None  # heads of all but the last block; None = the model's
 
     def finalize(self) -> None:
         super().finalize()
@@ -118,9 +120,9 @@ class FinetuneConfig(BaseConfig):
     """ImageNet-1K fine-tuning following MAE (Table 2)."""
 
     num_classes: int = 10
-    pretrained: Optional[str] = None  # checkpoint path; None = from scratch
+    pretrained: str | None = None  # checkpoint path; None = from scratch
     pretrain_epochs: int = 300  # selects ViT-B's drop path (Table 2 footnote)
-    heads: Optional[int] = None  # head count of the fine-tuned model; None = the model's
+    heads: int | None = None  # head count of the fine-tuned model; None = the model's
     layer_decay: float = 0.65
     global_pool: str = "avg"
     mixup: float = 0.8
@@ -128,7 +130,7 @@ class FinetuneConfig(BaseConfig):
     label_smoothing: float = 0.1
     reprob: float = 0.25
     rand_augment: str = "rand-m9-mstd0.5-inc1"
-    color_jitter: Optional[float] = None  # MAE fine-tuning uses RandAugment instead
+    color_jitter: float | None = None  # MAE fine-tuning uses RandAugment instead
 
 
 @dataclass
@@ -136,7 +138,7 @@ class SegmentationConfig(BaseConfig):
     """ADE20K UperNet fine-tuning (Table 3)."""
 
     num_classes: int = 150
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     layer_decay: float = 0.75
     out_indices: tuple[int, ...] = (3, 5, 7, 11)
     aux_weight: float = 0.4
@@ -148,14 +150,14 @@ class SegmentationConfig(BaseConfig):
 class RobustnessConfig(BaseConfig):
     """ImageNet-A/R/C evaluation; only evaluation fields matter."""
 
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     corruptions: tuple[str, ...] = (
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
         "elastic_transform", "pixelate", "jpeg_compression",
     )
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    resize: Optional[int] = None  # None = centre crop only, as hendrycks' ImageNet-C script
+    resize: int | None = None  # None = centre crop only, as hendrycks' ImageNet-C script
 
 
 STAGES: dict[str, type[BaseConfig]] = {
@@ -200,15 +202,15 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
 def _smoke(stage: str, model: str) -> dict[str, Any]:
     common = dict(input_size=32, num_workers=0, log_every=20, ckpt_every=200, weight_decay=0.05)
     if stage == "mae":
-        return common | dict(model="micro_base", batch_size=256, lr=1.5e-3, min_lr=1e-5, steps=1500,
+        return common | dict(batch_size=256, lr=1.5e-3, min_lr=1e-5, steps=800, amp="bf16",
                              warmup_steps=100, betas=(0.9, 0.95), drop_path=0.0, decoder_dim=96,
                              decoder_depth=2, decoder_heads=3, crop_scale=(0.35, 1.0))
     if stage == "pretrain":
         return common | dict(batch_size=256, lr=1.5e-3, steps=600, warmup_steps=60, betas=(0.9, 0.95),
                              drop_path=0.1, teacher="micro_base", color_jitter=0.4, crop_scale=(0.35, 1.0))
     if stage == "finetune":
-        return common | dict(batch_size=128, lr=1e-3, steps=800, warmup_steps=80, layer_decay=0.75,
-                             betas=(0.9, 0.999), drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
+        return common | dict(batch_size=128, lr=1e-3, steps=1500, warmup_steps=100, layer_decay=0.75,
+                             betas=(0.9, 0.95), drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
                              reprob=0.0, rand_augment="", num_classes=10, min_lr=1e-5)
     if stage == "segmentation":
         return common | dict(lr=1e-3, steps=600, warmup_steps=50, batch_size=32, betas=(0.9, 0.999),
@@ -236,8 +238,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return None
         return _coerce(key, value, args[0])
     if isinstance(value, str) and (tp in (int, float, bool) or origin is tuple):
+        text = f"[{value}]" if origin is tuple and not value.startswith("[") else value  # "0.9,0.95"
         try:
-            value = json.loads(value if not origin is tuple or value.startswith("[") else f"[{value}]")
+            value = json.loads(text)
         except json.JSONDecodeError:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
     if origin is tuple:
@@ -293,7 +296,8 @@ def get_config(
 ) -> BaseConfig:
     """Resolve the config of `stage` for `model` under `profile`, then apply overrides.
 
-    `model` defaults to the profile's student (smoke: micro_tiny; paper: vit_small).
+    `model` defaults to the profile's student (smoke: micro_tiny; paper: vit_small), or
+    for `mae` to its teacher (micro_base; vit_base).
     Overrides are validated: an unknown key or a value of the wrong type raises
     ConfigError naming the key and what was expected.
     """
@@ -302,30 +306,21 @@ def get_config(
     if profile not in PROFILES:
         raise ConfigError(f"profile: expected one of {PROFILES}, got {profile!r}")
     cls = STAGES[stage]
-    preset = _paper(stage, model or "vit_small") if profile == "paper" else _smoke(stage, model or "micro_tiny")
-    values = {"profile": profile, "model": model or ("vit_small" if profile == "paper" else "micro_tiny")} | preset
-    if model:
-        values["model"] = model
-    if profile == "paper" and stage == "finetune" and values["model"] == "vit_base":
-        values["drop_path"] = 0.2 if values.get("pretrain_epochs", 300) >= 300 else 0.1
     types_ = _field_types(cls)
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(types_))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {sorted(types_)}")
+    model = model or DEFAULT_MODELS[(stage == "mae", profile)]
+    preset = (_paper if profile == "paper" else _smoke)(stage, model)
+    values = {"profile": profile, "model": model} | preset | overrides
     if "lr" in overrides:  # an explicit lr wins over the batch-scaled base lr
         values["blr"] = None
-    elif "batch_size" in overrides and values.get("blr") is not None:
-        values.pop("lr", None)
-    if profile == "paper" and stage == "finetune" and "pretrain_epochs" in overrides and "drop_path" not in overrides:
-        if values["model"] == "vit_base":
-            pe = _coerce("pretrain_epochs", overrides["pretrain_epochs"], int)
-            values["drop_path"] = 0.2 if pe >= 300 else 0.1
-    values.update(overrides)
-    kwargs = {k: _coerce(k, v, types_[k]) for k, v in values.items()}
-    if kwargs.get("blr") is not None and "lr" not in overrides:
-        kwargs["lr"] = None
-    cfg = cls(**kwargs)
+    cfg = cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+    if cfg.blr is not None:
+        cfg.lr = None  # finalize derives it from blr and the (possibly overridden) batch size
+    if isinstance(cfg, FinetuneConfig) and profile == "paper" and model == "vit_base" and "drop_path" not in overrides:
+        cfg.drop_path = 0.2 if cfg.pretrain_epochs >= 300 else 0.1  # Table 2 footnote
     cfg.finalize()
     return cfg
 
@@ -343,5 +338,5 @@ def from_dict(d: dict[str, Any]) -> BaseConfig:
 __all__ = [
     "BaseConfig", "MAEConfig", "PretrainConfig", "FinetuneConfig", "SegmentationConfig",
     "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "get_config", "from_dict",
-    "parse_overrides", "field",
+    "parse_overrides",
 ]

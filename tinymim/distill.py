@@ -8,8 +8,8 @@ the attention widgets and the benchmark alike.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 
 def tokens_before(model: VisionTransformer, images: torch.Tensor, block: int) -> torch.Tensor:
@@ -44,3 +44,142 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor, block: int | 
     x = tokens_before(model, images, block)
     q, k, _ = block_qkv(model.blocks[block - 1], x)
     return attention_probs(q, k)
+
+
+# ---------------------------------------------------------------------------------
+# TinyMIM targets and losses
+
+
+def relation_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ / sqrt(d_h): the logits of a Q-K (a=q, b=k) or V-V (a=b=v) relation."""
+    return a @ b.transpose(-2, -1) * a.shape[-1] ** -0.5
+
+
+def kl_from_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the last (key) axis, averaged over every other axis
+    (batch, heads, queries); from log-softmax, in fp32, for numerical safety."""
+    t = teacher_logits.float().log_softmax(dim=-1)
+    s = student_logits.float().log_softmax(dim=-1)
+    return (t.exp() * (t - s)).sum(dim=-1).mean()
+
+
+def default_teacher_block(teacher: VisionTransformer) -> int:
+    """METHOD.md: block 18 of a 24-block ViT-L teacher, otherwise the last block."""
+    depth = len(teacher.blocks)
+    return 18 if depth == 24 else depth
+
+
+def check_pairing(student: VisionTransformer, teacher: VisionTransformer, teacher_block: int, target: str) -> None:
+    """Fail before any compute on combinations that cannot be distilled."""
+    depth = len(teacher.blocks)
+    if not 1 <= teacher_block <= depth:
+        raise ValueError(f"teacher_block {teacher_block} is out of range: the teacher has blocks 1..{depth}")
+    t_tokens = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+    s_tokens = student.patch_embed.num_patches + student.num_prefix_tokens
+    if t_tokens != s_tokens:
+        raise ValueError(f"relation maps differ in size: teacher has {t_tokens} tokens "
+                         f"({teacher.patch_embed.grid_size} grid), student {s_tokens} "
+                         f"({student.patch_embed.grid_size}); use the same input and patch size")
+    if target == "relation":
+        t_heads = teacher.blocks[teacher_block - 1].attn.num_heads
+        s_heads = student.blocks[-1].attn.num_heads
+        if t_heads != s_heads:
+            raise ValueError(f"head alignment: the student's last block has {s_heads} heads, the teacher's "
+                             f"block {teacher_block} has {t_heads}; build the student with last_heads={t_heads}")
+
+
+class Distiller(nn.Module):
+    """TinyMIM distillation task: forward(student_view, teacher_view) -> (loss, parts).
+
+    target='relation' (the paper): Q-K and V-V relations of the teacher's block
+    `teacher_block` and the student's last block, KL per head, loss = QK + VV.
+    target='feature': smooth-L1 to the teacher block's output tokens (linear projection
+    when widths differ); target='cls': the same on the class token alone -- the paper's
+    ablations. `mask_ratio` > 0 drops that share of the student's patch tokens (the
+    masking ablation); the teacher's targets are restricted to the kept tokens.
+    The teacher runs only up to its target block, in inference mode; the student stops
+    after the target attention, so its last projection, MLP and norm never train here.
+    """
+
+    def __init__(self, student: VisionTransformer, teacher: VisionTransformer, teacher_block: int | None = None,
+                 target: str = "relation", mask_ratio: float = 0.0):
+        super().__init__()
+        self.teacher_block = teacher_block or default_teacher_block(teacher)
+        check_pairing(student, teacher, self.teacher_block, target)
+        if target not in ("relation", "feature", "cls"):
+            raise ValueError(f"target: expected relation|feature|cls, got {target!r}")
+        self.student, self.teacher = student, teacher.eval().requires_grad_(False)
+        self.target, self.mask_ratio = target, mask_ratio
+        self.proj = (nn.Linear(student.embed_dim, teacher.embed_dim) if target != "relation" else None)
+        if target != "relation":
+            last = student.blocks[-1]  # feature targets use the full last block output
+            last.requires_grad_(True)
+        else:
+            # stops after the target attention: these never receive gradient
+            for m in (student.blocks[-1].attn.proj, student.blocks[-1].ls1, student.blocks[-1].norm2,
+                      student.blocks[-1].mlp, student.blocks[-1].ls2, student.norm):
+                m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()  # frozen teacher: no dropout / drop path, ever
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        return {"student.pos_embed", "student.cls_token"}
+
+    def _keep_index(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        if self.mask_ratio <= 0:
+            return None
+        n = self.student.patch_embed.num_patches
+        keep = max(1, int(n * (1 - self.mask_ratio)))
+        idx = torch.rand(batch, n, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
+        prefix = torch.arange(self.student.num_prefix_tokens, device=device).expand(batch, -1)
+        return torch.cat([prefix, idx + self.student.num_prefix_tokens], dim=1)
+
+    def _teacher_targets(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            x = tokens_before(self.teacher, images, self.teacher_block)
+            blk = self.teacher.blocks[self.teacher_block - 1]
+            if self.target == "relation":
+                q, k, v = block_qkv(blk, x)
+                out = {"qk": relation_logits(q, k), "vv": relation_logits(v, v)}
+            else:
+                out = {"tokens": blk(x)}
+        return {k: v.clone() for k, v in out.items()}  # leave inference mode: usable in autograd
+
+    def forward(self, student_view: torch.Tensor, teacher_view: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        targets = self._teacher_targets(teacher_view)
+        keep = self._keep_index(student_view.shape[0], student_view.device)
+        s = self.student
+        x = s._pos_embed(s.patch_embed(student_view))
+        if keep is not None:
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = s.norm_pre(x)
+        for blk in s.blocks[:-1]:
+            x = blk(x)
+        if self.target == "relation":
+            q, k, v = block_qkv(s.blocks[-1], x)
+            t_qk, t_vv = targets["qk"], targets["vv"]
+            if keep is not None:
+                t_qk, t_vv = (_gather_square(t, keep) for t in (t_qk, t_vv))
+            qk = kl_from_logits(t_qk, relation_logits(q, k))
+            vv = kl_from_logits(t_vv, relation_logits(v, v))
+            return qk + vv, {"loss_qk": qk.detach(), "loss_vv": vv.detach()}
+        feats = self.proj(s.blocks[-1](x))
+        t = targets["tokens"]
+        if keep is not None:
+            t = t.gather(1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        if self.target == "cls":
+            feats, t = feats[:, 0], t[:, 0]
+        loss = nn.functional.smooth_l1_loss(feats.float(), t.float())
+        return loss, {f"loss_{self.target}": loss.detach()}
+
+
+def _gather_square(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows and columns `keep` of B x H x N x N relation logits."""
+    b, h, _, _ = t.shape
+    idx = keep[:, None, :, None].expand(b, h, -1, t.shape[-1])
+    t = t.gather(2, idx)
+    idx = keep[:, None, None, :].expand(b, h, t.shape[2], -1)
+    return t.gather(3, idx)

@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
 
 from . import engine
 from .config import FinetuneConfig
 from .data import TensorBatches, synthetic
 from .data.transforms import normalize, random_resized_crop_flip
-from .models import ModelSpec, build_model, load_weights, read_checkpoint, clean_state_dict, save_model
+from .models import ModelSpec, build_model, clean_state_dict, load_weights, read_checkpoint, save_model
 
 
 class Classifier(nn.Module):
@@ -150,7 +150,8 @@ def smoke_learnability(teacher: nn.Module, run_dir: str | os.PathLike, overrides
     from .models import model_spec
 
     run_dir = Path(run_dir)
-    cfg = get_config("finetune", profile="smoke", overrides=overrides)
+    # from scratch: no layer-wise decay (there is no pre-trained hierarchy to protect)
+    cfg = get_config("finetune", profile="smoke", overrides={"layer_decay": 1.0} | dict(overrides or {}))
     start = time.perf_counter()
     scratch = train_classifier(cfg, run_dir / "scratch", progress=progress)
     seconds = time.perf_counter() - start

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from . import engine
 from .config import MAEConfig, get_config

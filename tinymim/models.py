@@ -13,14 +13,15 @@ import os
 import pickle
 import tempfile
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 from timm.layers import Attention, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 CHECKPOINT_FORMAT = "tinymim/1"
 
@@ -94,7 +95,7 @@ class ModelSpec:
         global_pool: str = "avg",
         img_size: int | None = None,
         extra_fc: int = 0,
-    ) -> "ModelSpec":
+    ) -> ModelSpec:
         a = get_arch(arch)
         h = heads or a.num_heads
         layout = [h] * a.depth
@@ -111,7 +112,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         d = dict(d)
         d["heads"] = tuple(d["heads"])
         return cls(**d)

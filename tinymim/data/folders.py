@@ -8,9 +8,9 @@ file that is not a decodable image.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class ImageNetFolder(ImageFolder):
     reference list, so a 1K head trained elsewhere (MAE, timm, DeiT) lines up.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: dataset folder not found")
@@ -74,7 +74,7 @@ class ADE20K(Dataset):
     IGNORE_INDEX = 255
 
     def __init__(self, root: str | os.PathLike, split: str = "training", reduce_zero_label: bool = True,
-                 transform: Optional[Callable] = None):
+                 transform: Callable | None = None):
         root = Path(root)
         img_dir, ann_dir = root / "images" / split, root / "annotations" / split
         for d in (img_dir, ann_dir):

@@ -1,0 +1,83 @@
+"""TinyMIM distillation pre-training: one stage, or a chain (sequential distillation).
+
+A run directory gets `checkpoint.pth` (training state, for resume), `metrics.jsonl`,
+and at the end `student.pth` + `student.safetensors`: the student encoder with its head
+layout recorded, so it loads back through `load_teacher` as the next teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from . import engine
+from .config import PretrainConfig
+from .data import two_view_batches
+from .distill import Distiller, check_pairing, default_teacher_block
+from .models import ModelSpec, atomic_save_safetensors, build_model, load_teacher, model_spec, save_model
+
+
+def build_student(cfg: PretrainConfig, teacher_heads: int):
+    """The student of METHOD.md: MAE init, its own heads except the last block, which
+    takes the teacher's head count (head alignment)."""
+    spec = ModelSpec.create(cfg.model, heads=cfg.student_heads, last_heads=teacher_heads, img_size=cfg.input_size)
+    return build_model(spec, drop_path=cfg.drop_path)
+
+
+def resolve_teacher_path(cfg: PretrainConfig, progress: bool = True) -> Path:
+    if cfg.teacher_path:
+        return Path(cfg.teacher_path)
+    if cfg.profile != "smoke":
+        raise ValueError("teacher_path is required in the paper profile: an official MAE checkpoint "
+                         "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B)")
+    from .mae import smoke_teacher
+
+    return smoke_teacher(progress=progress)
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
+             stop_after: int | None = None) -> Path:
+    """Distil `cfg.model` from the teacher; returns the student checkpoint path.
+
+    Everything that can be wrong with the pairing (teacher block, head alignment, token
+    counts) is checked before the first step.
+    """
+    run_dir = Path(run_dir)
+    teacher_path = resolve_teacher_path(cfg, progress)
+    teacher = load_teacher(None, teacher_path, img_size=cfg.input_size)
+    arch = model_spec(teacher).arch
+    if arch != cfg.teacher:
+        raise ValueError(f"{teacher_path} holds a {arch}, but the config says teacher={cfg.teacher!r}; "
+                         f"set teacher={arch} (e.g. --set teacher={arch})")
+    block = cfg.teacher_block or default_teacher_block(teacher)
+    student = build_student(cfg, teacher.blocks[min(block, len(teacher.blocks)) - 1].attn.num_heads)
+    check_pairing(student, teacher, block, cfg.target)
+    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict() | {"teacher_resolved": str(teacher_path),
+                                                                     "teacher_block_resolved": block}, indent=2))
+    engine.train(task, two_view_batches(cfg), cfg, run_dir, progress=progress, stop_after=stop_after)
+    out = run_dir / "student.pth"
+    if stop_after is None or engine.is_complete(run_dir, cfg):
+        save_model(student, out, extra={"config": cfg.to_dict(), "teacher": str(teacher_path),
+                                        "teacher_block": block})
+        atomic_save_safetensors(student.state_dict(), run_dir / "student.safetensors",
+                                metadata={"tinymim_spec": json.dumps(student.tinymim_spec.to_dict())})
+    return out
+
+
+def pretrain_sequential(cfg: PretrainConfig, chain: list[str], run_dir: str | os.PathLike,
+                        progress: bool = True) -> list[Path]:
+    """Sequential distillation, e.g. chain ['vit_small', 'vit_tiny'] from a ViT-B teacher:
+    each distilled student is the next stage's teacher (run dirs run_dir/<i>_<model>)."""
+    paths: list[Path] = []
+    teacher, teacher_path = cfg.teacher, cfg.teacher_path
+    for i, model in enumerate(chain, start=1):
+        stage = replace(cfg, model=model, teacher=teacher, teacher_path=teacher_path,
+                        teacher_block=cfg.teacher_block if i == 1 else None)
+        paths.append(pretrain(stage, Path(run_dir) / f"{i}_{model}", progress=progress))
+        teacher, teacher_path = model, str(paths[-1])
+    return paths
+
