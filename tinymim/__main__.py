@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory; teacher.pth is written there")
     _add_common(p)
 
+    p = sub.add_parser("pretrain", help="TinyMIM distillation pre-training (torchrun-ready)")
+    p.add_argument("--model", default=None, help="the student, e.g. vit_small (paper) or micro_tiny (smoke)")
+    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    p.add_argument("--chain", default=None,
+                   help="sequential distillation: comma-separated students, each the next one's teacher, "
+                        "e.g. vit_small,vit_tiny")
+    _add_common(p)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
@@ -61,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = get_config("mae", args.model, args.profile, parse_overrides(args.overrides))
             print(f"teacher: {pretrain_mae(cfg, args.out)}")
+        elif args.command == "pretrain":
+            from .engine import setup_distributed
+            from .pretrain import pretrain, pretrain_sequential
+
+            cfg = get_config("pretrain", args.model, args.profile, parse_overrides(args.overrides))
+            device = setup_distributed()
+            if args.chain:
+                paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
+            else:
+                paths = [pretrain(cfg, args.out, device=device)]
+            print("students: " + ", ".join(map(str, paths)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ class BaseConfig:
     model: str = "micro_tiny"
     seed: int = 0
     data: str = "synthetic"  # "synthetic" or a dataset root folder
+    data_limit: int | None = None  # use only the first N training images (quick trials)
     input_size: int = 32
     batch_size: int = 256  # effective batch (per step, all devices, after accumulation)
     micro_batch_size: int | None = None  # per device and forward pass; None = batch_size / world

@@ -7,6 +7,8 @@ the attention widgets and the benchmark alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -102,8 +104,9 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, teacher_block: int | None = None,
-                 target: str = "relation", mask_ratio: float = 0.0):
+                 target: str = "relation", mask_ratio: float = 0.0, views: Callable | None = None):
         super().__init__()
+        self.views = views  # uint8 batch -> (student_view, teacher_view), for in-memory data
         self.teacher_block = teacher_block or default_teacher_block(teacher)
         check_pairing(student, teacher, self.teacher_block, target)
         if target not in ("relation", "feature", "cls"):
@@ -120,7 +123,7 @@ class Distiller(nn.Module):
                       student.blocks[-1].mlp, student.blocks[-1].ls2, student.norm):
                 m.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher.eval()  # frozen teacher: no dropout / drop path, ever
         return self
@@ -148,7 +151,14 @@ class Distiller(nn.Module):
                 out = {"tokens": blk(x)}
         return {k: v.clone() for k, v in out.items()}  # leave inference mode: usable in autograd
 
-    def forward(self, student_view: torch.Tensor, teacher_view: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """uint8 images (views made here) or (student_view, teacher_view[, labels])."""
+        if images.dtype == torch.uint8:
+            if self.views is None:
+                raise ValueError("uint8 images need a `views` function to make the two views")
+            student_view, teacher_view = self.views(images)
+        else:
+            student_view, teacher_view = images, rest[0]
         targets = self._teacher_targets(teacher_view)
         keep = self._keep_index(student_view.shape[0], student_view.device)
         s = self.student

@@ -123,10 +123,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: BaseConfig, plan: Pla
     return CosineLRScheduler(optimizer, **common)
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def setup_distributed() -> torch.device:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU,
+    also across nodes) and return this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
 
 
 def _trainable_state(task: nn.Module) -> dict[str, torch.Tensor]:
@@ -146,21 +159,22 @@ def train(
 ) -> dict[str, Any]:
     """Train `task` for the configured steps, resuming from `run_dir/checkpoint.pth`.
 
-    Returns the last logged metrics. `stop_after` ends the run early after that many
-    steps (as a kill would), leaving a checkpoint -- for tests and time-boxed runs.
+    Returns the last logged metrics plus `done` (all configured steps taken).
+    `stop_after` ends the run early after that many steps, leaving a checkpoint -- for
+    tests and time-boxed runs; calling again resumes.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    rank, world = _world()
-    plan = make_plan(cfg, len(batches), world)
+    rank, world_size = world()
+    plan = make_plan(cfg, len(batches), world_size)
     task.to(device)
     optimizer = build_optimizer(task, cfg)
     scheduler = build_scheduler(optimizer, cfg, plan)
     dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model = task
-    if world > 1:
+    if world_size > 1:
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
 
     ckpt_path = run_dir / "checkpoint.pth"
@@ -175,11 +189,11 @@ def train(
     else:
         seed_everything(cfg.seed + rank)
     if step >= plan.steps:
-        return _last_metrics(run_dir)
+        return _last_metrics(run_dir) | {"done": True}
 
     def save(step: int) -> None:
-        rngs = [None] * world
-        if world > 1:
+        rngs = [None] * world_size
+        if world_size > 1:
             dist.all_gather_object(rngs, _rng_state())
         else:
             rngs = [_rng_state()]
@@ -207,11 +221,11 @@ def train(
             it = batches.epoch(epoch)
             continue
         scheduler.step_update(step)
-        batch = [t.to(device, non_blocking=True) for t in batch]
+        batch = [t.to(device, non_blocking=True) for t in _flatten(batch)]
         chunks = list(zip(*(t.split(plan.micro_batch) for t in batch)))
         for i, chunk in enumerate(chunks):
             sync = i == len(chunks) - 1
-            ctx = model.no_sync() if world > 1 and not sync else nullcontext()
+            ctx = model.no_sync() if world_size > 1 and not sync else nullcontext()
             with ctx, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss, parts = model(*chunk)
             scaler.scale(loss / len(chunks)).backward()
@@ -240,7 +254,7 @@ def train(
                     "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0),
                     **{k: float(v) / window_steps for k, v in sums.items()},
                     "imgs_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9)}
-            if world > 1:
+            if world_size > 1:
                 last = _mean_across_ranks(last)
             if log is not None:
                 log.write(json.dumps(last) + "\n")
@@ -258,7 +272,15 @@ def train(
         log.close()
     if writer is not None:
         writer.close()
-    return last
+    return last | {"done": step >= plan.steps}
+
+
+def _flatten(batch) -> list[torch.Tensor]:
+    """A collated batch may nest views, e.g. ((student_view, teacher_view), labels)."""
+    out: list[torch.Tensor] = []
+    for item in batch:
+        out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+    return out
 
 
 def _mean_across_ranks(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def build_classifier(cfg: FinetuneConfig) -> nn.Module:
 def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True) -> nn.Module:
     """Fine-tune (or train from scratch when `cfg.pretrained` is None) on the config's data."""
     run_dir = Path(run_dir)
+    engine.seed_everything(cfg.seed)  # init is a function of the config seed
     model = build_classifier(cfg)
     if cfg.data != "synthetic":
         raise NotImplementedError("folder fine-tuning arrives with the ImageNet fine-tuning stage")

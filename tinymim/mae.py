@@ -129,6 +129,7 @@ def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = Tr
     """Train an MAE per `cfg` in `run_dir`; returns the encoder checkpoint (teacher.pth)."""
     run_dir = Path(run_dir)
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
+    engine.seed_everything(cfg.seed)  # init is a function of the config seed
     encoder = build_model(spec, drop_path=cfg.drop_path)
     task = MAE(encoder, cfg)
     engine.train(task, pool_batches(cfg), cfg, run_dir, progress=progress)

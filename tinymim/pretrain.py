@@ -12,9 +12,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from . import engine
 from .config import PretrainConfig
 from .data import two_view_batches
+from .data.transforms import TwoViews
 from .distill import Distiller, check_pairing, default_teacher_block
 from .models import ModelSpec, atomic_save_safetensors, build_model, load_teacher, model_spec, save_model
 
@@ -38,7 +41,7 @@ def resolve_teacher_path(cfg: PretrainConfig, progress: bool = True) -> Path:
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-             stop_after: int | None = None) -> Path:
+             stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
     """Distil `cfg.model` from the teacher; returns the student checkpoint path.
 
     Everything that can be wrong with the pairing (teacher block, head alignment, token
@@ -52,15 +55,20 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
         raise ValueError(f"{teacher_path} holds a {arch}, but the config says teacher={cfg.teacher!r}; "
                          f"set teacher={arch} (e.g. --set teacher={arch})")
     block = cfg.teacher_block or default_teacher_block(teacher)
+    engine.seed_everything(cfg.seed)  # the student's init is a function of the config seed
     student = build_student(cfg, teacher.blocks[min(block, len(teacher.blocks)) - 1].attn.num_heads)
     check_pairing(student, teacher, block, cfg.target)
-    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio)
+    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio,
+                     views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict() | {"teacher_resolved": str(teacher_path),
-                                                                     "teacher_block_resolved": block}, indent=2))
-    engine.train(task, two_view_batches(cfg), cfg, run_dir, progress=progress, stop_after=stop_after)
+    if engine.world()[0] == 0:
+            (run_dir / "config.json").write_text(json.dumps(
+            cfg.to_dict() | {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}, indent=2))
+    rank, world_size = engine.world()
+    result = engine.train(task, two_view_batches(cfg, rank, world_size), cfg, run_dir, device=device,
+                          progress=progress, stop_after=stop_after)
     out = run_dir / "student.pth"
-    if stop_after is None or engine.is_complete(run_dir, cfg):
+    if result["done"] and rank == 0:
         save_model(student, out, extra={"config": cfg.to_dict(), "teacher": str(teacher_path),
                                         "teacher_block": block})
         atomic_save_safetensors(student.state_dict(), run_dir / "student.safetensors",
@@ -69,7 +77,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
 
 
 def pretrain_sequential(cfg: PretrainConfig, chain: list[str], run_dir: str | os.PathLike,
-                        progress: bool = True) -> list[Path]:
+                        progress: bool = True, device: str | torch.device = "cpu") -> list[Path]:
     """Sequential distillation, e.g. chain ['vit_small', 'vit_tiny'] from a ViT-B teacher:
     each distilled student is the next stage's teacher (run dirs run_dir/<i>_<model>)."""
     paths: list[Path] = []
@@ -77,7 +85,7 @@ def pretrain_sequential(cfg: PretrainConfig, chain: list[str], run_dir: str | os
     for i, model in enumerate(chain, start=1):
         stage = replace(cfg, model=model, teacher=teacher, teacher_path=teacher_path,
                         teacher_block=cfg.teacher_block if i == 1 else None)
-        paths.append(pretrain(stage, Path(run_dir) / f"{i}_{model}", progress=progress))
+        paths.append(pretrain(stage, Path(run_dir) / f"{i}_{model}", progress=progress, device=device))
         teacher, teacher_path = model, str(paths[-1])
     return paths
 

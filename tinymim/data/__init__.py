@@ -24,6 +24,12 @@ def synthetic(split: str, cfg: Any | None = None, size: int | None = None) -> Sy
     return SyntheticShapes(SyntheticSpec(image_size=image_size), split, size or SMOKE_SPLITS[split])
 
 
+def _limit(ds, n: int | None):
+    from torch.utils.data import Subset
+
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
 def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
     """Unlabelled images for pre-training (MAE or distillation), as engine batches.
 
@@ -31,7 +37,7 @@ def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
     ImageNet-style tree read with RandomResizedCrop + flip per sample.
     """
     if cfg.data == "synthetic":
-        pool = synthetic("pool", cfg)
+        pool = synthetic("pool", cfg, size=cfg.data_limit)
         return TensorBatches(pool.images, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     from torchvision import transforms as T
 
@@ -43,12 +49,25 @@ def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    ds = ImageNetFolder(cfg.data, transform=tf)
+    ds = _limit(ImageNetFolder(cfg.data, transform=tf), cfg.data_limit)
+    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
+                         world_size=world_size)
+
+
+def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
+    """Unlabelled images for distillation. Synthetic: uint8 batches (the task makes the
+    two views); a folder: (student_view, teacher_view) per sample, TwoViews' recipe."""
+    if cfg.data == "synthetic":
+        return pool_batches(cfg, rank, world_size)
+    from .transforms import TwoViews
+
+    views = TwoViews(cfg.input_size, tuple(cfg.crop_scale), cfg.color_jitter).per_sample()
+    ds = _limit(ImageNetFolder(cfg.data, transform=views), cfg.data_limit)
     return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                          world_size=world_size)
 
 
 __all__ = [
     "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "TensorBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
-    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines", "synthetic",
+    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines", "synthetic", "two_view_batches",
 ]

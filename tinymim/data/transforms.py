@@ -10,6 +10,7 @@ Files on disk go through torchvision/timm transforms in the dataset instead.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +74,36 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
     x = (x - gray) * f[:, 2].view(n, 1, 1, 1) + gray
     return x.clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class TwoViews:
+    """TinyMIM's views: one shared RandomResizedCrop (bicubic) + flip; colour jitter on the
+    student's view only -- the teacher sees the un-jittered crop.
+
+    Called on a uint8 batch it returns normalised (student_view, teacher_view) tensors;
+    `per_sample()` gives the same recipe as a torchvision transform for files on disk.
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    jitter: float = 0.4
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = random_resized_crop_flip(images.float() / 255, self.size, scale=self.scale).clamp(0, 1)
+        return normalize(color_jitter(x, self.jitter)), normalize(x)
+
+    def per_sample(self):
+        from torchvision import transforms as T
+
+        crop = T.Compose([T.RandomResizedCrop(self.size, scale=self.scale,
+                                              interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip()])
+        jitter = T.ColorJitter(self.jitter, self.jitter, self.jitter)
+        to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+        def views(img):
+            x = crop(img)
+            return to_tensor(jitter(x)), to_tensor(x)
+
+        return views
