@@ -97,3 +97,19 @@ def test_ddp_two_processes_match_one(tmp_path):
     one = [r["loss"] for r in engine.read_metrics(tmp_path / "one")]
     two = [r["loss"] for r in engine.read_metrics(tmp_path / "two")]
     assert one == pytest.approx(two, abs=1e-5)
+
+
+def test_pretrain_from_an_image_folder(tmp_path, teacher_path):
+    import numpy as np
+    from PIL import Image
+
+    for c in ("n01", "n02"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            rgb = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(tmp_path / "train" / c / f"{i}.JPEG")
+    cfg = _cfg(teacher_path, data=str(tmp_path / "train"), data_limit="null", steps="3", batch_size="8",
+               num_workers="1")
+    student = pretrain(cfg, tmp_path / "run", progress=False)
+    assert [r["step"] for r in engine.read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert load_teacher(None, student).blocks[-1].attn.num_heads == 6

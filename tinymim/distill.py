@@ -193,3 +193,10 @@ def _gather_square(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     t = t.gather(2, idx)
     idx = keep[:, None, None, :].expand(b, h, t.shape[2], -1)
     return t.gather(3, idx)
+
+
+@torch.no_grad()
+def relation_maps(model: VisionTransformer, images: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
+    """Q-K and V-V relation probabilities of `block` (1-indexed), B x heads x N x N."""
+    q, k, v = block_qkv(model.blocks[block - 1], tokens_before(model, images, block))
+    return {"qk": relation_logits(q, k).softmax(-1), "vv": relation_logits(v, v).softmax(-1)}

@@ -204,7 +204,8 @@ def train(
 
     log = _open_log(run_dir, step) if rank == 0 else None
     writer = _tensorboard(run_dir) if rank == 0 else None
-    bar = tqdm(total=plan.steps, initial=step, disable=not progress or rank != 0, desc=run_dir.name, leave=False)
+    bar = tqdm(total=plan.steps, initial=step, disable=not progress or rank != 0, desc=run_dir.name, leave=False,
+               mininterval=2.0)  # readable in log files too
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_steps = time.perf_counter(), 0

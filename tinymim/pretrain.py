@@ -29,6 +29,15 @@ def build_student(cfg: PretrainConfig, teacher_heads: int):
     return build_model(spec, drop_path=cfg.drop_path)
 
 
+def default_teacher_path(run_dir: str | os.PathLike, teacher_path: str | None = None) -> str | None:
+    """A notebook's teacher: the one given, else notebook 01's in the same run directory,
+    else None (the smoke profile then uses its cached MAE teacher)."""
+    if teacher_path:
+        return str(teacher_path)
+    made = Path(run_dir) / "01_models" / "teacher.pth"
+    return str(made) if made.exists() else None
+
+
 def resolve_teacher_path(cfg: PretrainConfig, progress: bool = True) -> Path:
     if cfg.teacher_path:
         return Path(cfg.teacher_path)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .distill import attention_maps
+from .distill import attention_maps, relation_maps
 
 
 def _to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -73,3 +74,31 @@ def plot_curves(runs: dict[str, Sequence[dict]], key: str = "loss", ax=None):
 
 def save(fig, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_relations(models: dict[str, tuple[VisionTransformer, int]], image: torch.Tensor, heads: int = 3):
+    """Q-K and V-V relation maps of one image, a row per (model, target block), first heads.
+
+    `models` maps a label (e.g. "teacher", "student before", "student after") to the
+    model and its 1-indexed target block.
+    """
+    x = normalize(image[None])
+    fig, axes = plt.subplots(len(models), 2 * heads + 1, figsize=(1.5 * (2 * heads + 1), 1.6 * len(models)),
+                             squeeze=False)
+    for r, (label, (model, block)) in enumerate(models.items()):
+        size = model.patch_embed.img_size
+        xm = x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bicubic")
+        maps = relation_maps(model, xm, block)
+        axes[r, 0].imshow(_to_rgb(x[0]), interpolation="nearest")
+        axes[r, 0].set_ylabel(label, fontsize=8)
+        for h in range(heads):
+            for j, kind in enumerate(("qk", "vv")):
+                ax = axes[r, 1 + 2 * h + j]
+                ax.imshow(maps[kind][0, h], cmap="magma")
+                if r == 0:
+                    ax.set_title(f"{kind.upper()} h{h + 1}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -64,17 +64,21 @@ class EpochSampler(Sampler[int]):
 
 
 class LoaderBatches:
-    """Engine batches from a map-style dataset through a DataLoader (files on disk)."""
+    """Engine batches from a map-style dataset through a DataLoader (files on disk).
+
+    Each epoch's DataLoader gets its own generator seeded from (seed, epoch, rank), so
+    worker seeds never draw from -- and never perturb -- the training RNG that the
+    engine checkpoints. The sample order resumes exactly; the per-sample augmentation
+    after a mid-epoch resume can differ, because samples land on other workers.
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_workers: int = 0,
                  rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world size {world_size}")
+        self.dataset, self.seed, self.rank, self.num_workers = dataset, seed, rank, num_workers
         self.per_rank = batch_size // world_size
         self.sampler = EpochSampler(len(dataset), seed, rank, world_size)
-        self.loader = DataLoader(dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=False)
         self.steps = (len(dataset) // world_size) // self.per_rank
         if self.steps == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch ({batch_size})")
@@ -84,4 +88,6 @@ class LoaderBatches:
 
     def epoch(self, epoch: int, start: int = 0):
         self.sampler.set_position(epoch, start * self.per_rank)
-        yield from self.loader
+        g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + self.rank)
+        yield from DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
+                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), generator=g)
