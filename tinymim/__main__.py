@@ -44,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. vit_small,vit_tiny")
     _add_common(p)
 
+    p = sub.add_parser("finetune", help="ImageNet fine-tuning / TinyMIM*-T distillation fine-tuning (torchrun-ready)")
+    p.add_argument("--model", default=None, help="e.g. vit_tiny, vit_small, vit_base, tinymim_star_tiny")
+    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 of a fine-tuned checkpoint")
+    p.add_argument("checkpoint", help="a tinymim classifier checkpoint, or timm:<model name>=<weights file>")
+    p.add_argument("--data", required=True, help="'synthetic' or an ImageNet root (uses <data>/val)")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=8)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
@@ -80,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 paths = [pretrain(cfg, args.out, device=device)]
             print("students: " + ", ".join(map(str, paths)))
+        elif args.command == "finetune":
+            from .engine import setup_distributed
+            from .finetune import train_classifier
+
+            cfg = get_config("finetune", args.model, args.profile, parse_overrides(args.overrides))
+            _, metrics = train_classifier(cfg, args.out, device=setup_distributed())
+            print(json.dumps(metrics, indent=2))
+        elif args.command == "evaluate":
+            from types import SimpleNamespace
+
+            from .finetune import evaluate
+            from .models import load_classifier
+
+            model = load_classifier(args.checkpoint, args.num_classes)
+            where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers)
+            print(json.dumps(evaluate(model, where), indent=2))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

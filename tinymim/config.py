@@ -123,7 +123,7 @@ class FinetuneConfig(BaseConfig):
     num_classes: int = 10
     pretrained: str | None = None  # checkpoint path; None = from scratch
     pretrain_epochs: int = 300  # selects ViT-B's drop path (Table 2 footnote)
-    heads: int | None = None  # head count of the fine-tuned model; None = the model's
+    heads: int | None = None  # uniform head count; None = the checkpoint's recorded layout (or the model's)
     layer_decay: float = 0.65
     global_pool: str = "avg"
     mixup: float = 0.8
@@ -132,6 +132,18 @@ class FinetuneConfig(BaseConfig):
     reprob: float = 0.25
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     color_jitter: float | None = None  # MAE fine-tuning uses RandAugment instead
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (timm/MAE default)
+    extra_fc: int = 0  # TinyMIM*-T: 1280-wide FC before the classifier
+    dist_token: bool = False  # TinyMIM*-T: DeiT distillation token + head
+    teacher_classifier: str | None = None  # hard-label teacher: tinymim checkpoint, or timm:<name>=<path>
+
+    def finalize(self) -> None:
+        super().finalize()
+        if self.dist_token and not self.teacher_classifier:
+            raise ConfigError("teacher_classifier: a distillation token needs a teacher classifier "
+                              "(a fine-tuned tinymim checkpoint, or timm:<model name>=<weights file>)")
+        if self.global_pool not in ("avg", "token"):
+            raise ConfigError(f"global_pool: expected avg|token, got {self.global_pool!r}")
 
 
 @dataclass
@@ -185,9 +197,11 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
                              warmup_epochs=15, betas=(0.9, 0.95), drop_path=0.1, color_jitter=0.4,
                              crop_scale=(0.2, 1.0), teacher=teacher, target="relation", mask_ratio=0.0)
     if stage == "finetune":  # Table 2
-        per_model = {"vit_tiny": (5e-3, 200, 2048), "vit_small": (5e-3, 200, 2048), "vit_base": (2e-3, 100, 1024)}
+        per_model = {"vit_tiny": (5e-3, 200, 2048), "vit_small": (5e-3, 200, 2048), "vit_base": (2e-3, 100, 1024),
+                     "tinymim_star_tiny": (5e-3, 1000, 2048)}
         lr, epochs, batch = per_model.get(model, per_model["vit_base"])
-        return common | dict(lr=lr, epochs=epochs, batch_size=batch, warmup_epochs=5, layer_decay=0.65,
+        star = dict(extra_fc=1280, dist_token=True) if model == "tinymim_star_tiny" else {}
+        return common | star | dict(lr=lr, epochs=epochs, batch_size=batch, warmup_epochs=5, layer_decay=0.65,
                              betas=(0.9, 0.95), schedule="cosine", min_lr=1e-6, drop_path=0.1, label_smoothing=0.1,
                              reprob=0.25, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
                              num_classes=1000, clip_grad=None)
@@ -211,6 +225,7 @@ def _smoke(stage: str, model: str) -> dict[str, Any]:
                              drop_path=0.1, teacher="micro_base", color_jitter=0.4, crop_scale=(0.35, 1.0))
     if stage == "finetune":
         return common | dict(batch_size=128, lr=1e-3, steps=1500, warmup_steps=100, layer_decay=0.75,
+                             crop_scale=(0.35, 1.0),
                              betas=(0.9, 0.95), drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
                              reprob=0.0, rand_augment="", num_classes=10, min_lr=1e-5)
     if stage == "segmentation":
@@ -240,6 +255,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, args[0])
     if isinstance(value, str) and (tp in (int, float, bool) or origin is tuple):
         text = f"[{value}]" if origin is tuple and not value.startswith("[") else value  # "0.9,0.95"
+        text = text.lower() if tp is bool else text  # True / true
         try:
             value = json.loads(text)
         except json.JSONDecodeError:

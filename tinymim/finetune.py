@@ -1,36 +1,56 @@
-"""Supervised training and evaluation of ViT classifiers: fine-tuning, scratch baselines,
-top-1/top-5 evaluation and linear probes.
+"""Classification: MAE-recipe fine-tuning (Table 2), DeiT-style distillation fine-tuning
+(TinyMIM*-T), scratch baselines, top-1/top-5 evaluation and linear probes.
 
-The task wraps a timm ViT; timm supplies Mixup/CutMix, label smoothing, soft-target
-cross-entropy and layer-wise lr decay (through the engine's `create_optimizer_v2`).
+timm supplies the pieces: `create_transform` (RandAugment, random erasing, bicubic
+resize/crop), Mixup/CutMix, label smoothing, soft-target cross-entropy, DeiT's
+distilled ViT and layer-wise lr decay (through the engine's `create_optimizer_v2`).
+Written here: the hard-label distillation loss, which timm does not ship.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
+from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+from torch.utils.data import DataLoader
 
 from . import engine
-from .config import FinetuneConfig
-from .data import TensorBatches, synthetic
-from .data.transforms import normalize, random_resized_crop_flip
-from .models import ModelSpec, build_model, clean_state_dict, load_weights, read_checkpoint, save_model
+from .config import FinetuneConfig, get_config
+from .data import ImageNetFolder, LoaderBatches, TensorBatches, synthetic
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
+from .models import (
+    CheckpointError,
+    ModelSpec,
+    build_model,
+    clean_state_dict,
+    load_classifier,
+    load_weights,
+    model_spec,
+    read_checkpoint,
+    save_model,
+)
 
 
 class Classifier(nn.Module):
-    """forward(images, labels) -> (loss, {}); in-memory uint8 batches are augmented here."""
+    """forward(images, labels) -> (loss, parts). In-memory uint8 batches are augmented here
+    (crop + flip + random erasing; RandAugment needs PIL images and runs in the file
+    pipeline). With a `teacher`, DeiT hard-label distillation: the class head learns the
+    labels, the distillation head the teacher's argmax, half and half."""
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, teacher: nn.Module | None = None):
         super().__init__()
-        self.model = model
-        self.img_size = cfg.input_size
+        self.model, self.teacher = model, teacher
+        self.img_size, self.crop_scale = cfg.input_size, tuple(cfg.crop_scale)
+        self.erasing = RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
@@ -40,49 +60,141 @@ class Classifier(nn.Module):
             self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            model.set_distilled_training(True)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         x = images
         if x.dtype == torch.uint8:
-            x = normalize(random_resized_crop_flip(x.float() / 255, self.img_size, scale=(0.35, 1.0)))
+            x = normalize(random_resized_crop_flip(x.float() / 255, self.img_size, scale=self.crop_scale))
+            if self.erasing is not None:
+                self.erasing.device = x.device
+                x = self.erasing(x)
         if self.mixup is not None:
             x, labels = self.mixup(x, labels)
-        return self.criterion(self.model(x), labels), {}
+        out = self.model(x)
+        if self.teacher is None:
+            return self.criterion(out, labels), {}
+        cls_out, dist_out = out
+        with torch.inference_mode():
+            hard = self.teacher(x).argmax(dim=1)
+        base = self.criterion(cls_out, labels)
+        dist = F.cross_entropy(dist_out, hard.clone())
+        return 0.5 * base + 0.5 * dist, {"loss_cls": base.detach(), "loss_dist": dist.detach()}
 
 
 def build_classifier(cfg: FinetuneConfig) -> nn.Module:
-    spec = ModelSpec.create(cfg.model, num_classes=cfg.num_classes, heads=cfg.heads, img_size=cfg.input_size,
-                            global_pool=cfg.global_pool)
-    model = build_model(spec, drop_path=cfg.drop_path)
+    """The model to fine-tune, with pre-trained encoder weights when `cfg.pretrained` is set.
+
+    Head layout: `cfg.heads` when given (uniform); else the layout recorded in a tinymim
+    checkpoint (a distilled student keeps its teacher-aligned last block); else the
+    model's own. Only the classifier head(s), `fc_norm` and the distillation token may
+    be missing from the checkpoint; anything else missing or unexpected is an error.
+    """
+    heads: tuple[int, ...] | None = None
+    sd: dict[str, torch.Tensor] = {}
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        sd = clean_state_dict(read_checkpoint(path)["model"])
-        load_weights(model, sd, str(path), allow_missing=("head.", "fc_norm."), allow_unexpected=("norm.",))
+        ckpt = read_checkpoint(cfg.pretrained)
+        sd = clean_state_dict(ckpt.get("model", ckpt))
+        if "spec" in ckpt and cfg.heads is None:
+            heads = tuple(ckpt["spec"]["heads"])
+    spec = ModelSpec.create(cfg.model, num_classes=cfg.num_classes, heads=cfg.heads, img_size=cfg.input_size,
+                            global_pool=cfg.global_pool, extra_fc=cfg.extra_fc, dist_token=cfg.dist_token)
+    if heads is not None:
+        if len(heads) != len(spec.heads):
+            raise CheckpointError(f"{cfg.pretrained}: {len(heads)} blocks, but {cfg.model} has {len(spec.heads)}")
+        spec = ModelSpec(**{**spec.__dict__, "heads": heads})
+    model = build_model(spec, drop_path=cfg.drop_path)
+    if sd:
+        from .models import adapt_pos_embed
+
+        if cfg.dist_token and "pos_embed" in sd and sd["pos_embed"].shape[1] == model.pos_embed.shape[1] - 1:
+            pe = sd["pos_embed"]  # the distillation token starts at the class token's position
+            sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, :1], pe[:, 1:]], dim=1)
+        sd = adapt_pos_embed(sd, model)
+        has_norm = any(k.startswith("norm.") for k in model.state_dict())
+        load_weights(model, sd, str(cfg.pretrained), allow_missing=("head.", "head_dist.", "fc_norm.", "dist_token"),
+                     allow_unexpected=() if has_norm else ("norm.",))
     return model
 
 
-def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True) -> nn.Module:
-    """Fine-tune (or train from scratch when `cfg.pretrained` is None) on the config's data."""
+def _split(root: str | os.PathLike, split: str) -> Path:
+    """`root/<split>` when it exists (an ImageNet root), else `root` itself for train."""
+    path = Path(root) / split
+    if path.is_dir():
+        return path
+    if split == "train":
+        return Path(root)
+    raise FileNotFoundError(f"{path}: no '{split}' folder under the dataset root {root}")
+
+
+def train_transform(cfg: FinetuneConfig):
+    """MAE's fine-tuning pipeline (timm): RandomResizedCrop bicubic, flip, RandAugment,
+    ImageNet normalisation, random erasing (pixel mode)."""
+    return create_transform(cfg.input_size, is_training=True, scale=tuple(cfg.crop_scale),
+                            auto_augment=cfg.rand_augment or None, color_jitter=cfg.color_jitter or 0.0,
+                            interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def eval_transform(input_size: int):
+    """Resize (input/0.875: 256 for 224) bicubic -> centre crop -> ImageNet normalisation."""
+    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int = 1):
+    if cfg.data == "synthetic":
+        train = synthetic("train", cfg, size=cfg.data_limit)
+        return TensorBatches(train.images, train.labels, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                             world_size=world_size)
+    ds = ImageNetFolder(_split(cfg.data, "train"), transform=train_transform(cfg))
+    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
+                         world_size=world_size)
+
+
+def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
+                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune (or train from scratch when `cfg.pretrained` is None), then evaluate.
+
+    Writes model.pth (with its head layout), metrics.jsonl and eval.json to `run_dir`.
+    """
     run_dir = Path(run_dir)
+    teacher = None
+    if cfg.dist_token:
+        teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)  # fails before any training
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
     model = build_classifier(cfg)
-    if cfg.data != "synthetic":
-        raise NotImplementedError("folder fine-tuning arrives with the ImageNet fine-tuning stage")
-    train = synthetic("train", cfg)
-    batches = TensorBatches(train.images, train.labels, batch_size=cfg.batch_size, seed=cfg.seed)
-    engine.train(Classifier(model, cfg), batches, cfg, run_dir, progress=progress)
-    save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict()})
-    return model
+    rank, world_size = engine.world()
+    start = time.perf_counter()
+    result = engine.train(Classifier(model, cfg, teacher), classification_batches(cfg, rank, world_size), cfg,
+                          run_dir, device=device, progress=progress)
+    if cfg.dist_token:
+        model.set_distilled_training(False)
+    metrics = {"train_seconds": round(time.perf_counter() - start, 1), "steps": result.get("step"),
+               "heads": list(model_spec(model).heads), **evaluate(model, cfg, device=device)}
+    if rank == 0:
+        save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict()})
+        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return model, metrics
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+            device: str | torch.device = "cpu") -> torch.Tensor:
     """Logits for uint8 (normalised here) or already-normalised float images."""
-    model.eval()
+    model.eval().to(device)
     out = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        out.append(model(normalize(x) if x.dtype == torch.uint8 else x).float())
+        x = images[i:i + batch_size].to(device)
+        out.append(model(normalize(x) if x.dtype == torch.uint8 else x).float().cpu())
     return torch.cat(out)
 
 
@@ -94,6 +206,32 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
             hit = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1)
             out[f"top{k}"] = 100.0 * hit.float().mean().item()
     return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device = "cpu",
+             batch_size: int = 250) -> dict[str, float]:
+    """Top-1/top-5 (%) on the config's data: the synthetic split, or `<data>/<split>`
+    ImageNet-style folders read with `eval_transform`."""
+    if cfg.data == "synthetic":
+        ds = synthetic(split, cfg)
+        logits, labels = predict(model, ds.images, device=device), ds.labels
+    else:
+        ds = ImageNetFolder(_split(cfg.data, split), transform=eval_transform(cfg.input_size))
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers)
+        model.eval().to(device)
+        outs, ys = [], []
+        for x, y in loader:
+            outs.append(model(x.to(device)).float().cpu())
+            ys.append(y)
+        logits, labels = torch.cat(outs), torch.cat(ys)
+    return {**topk_accuracy(logits, labels), "n": len(labels)}
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts, rows = true class, columns = predicted class."""
+    idx = labels * num_classes + logits.argmax(dim=1)
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 @torch.no_grad()
@@ -145,29 +283,20 @@ def smoke_learnability(teacher: nn.Module, run_dir: str | os.PathLike, overrides
     (b) the MAE teacher's linear probe must beat the linear probe of a randomly
     initialised ViT of the same size -- i.e. pre-training on the pool learned something.
     """
-    import time
-
-    from .config import get_config
-    from .models import model_spec
-
     run_dir = Path(run_dir)
     # from scratch: no layer-wise decay (there is no pre-trained hierarchy to protect)
     cfg = get_config("finetune", profile="smoke", overrides={"layer_decay": 1.0} | dict(overrides or {}))
-    start = time.perf_counter()
-    scratch = train_classifier(cfg, run_dir / "scratch", progress=progress)
-    seconds = time.perf_counter() - start
-    val = synthetic("val", cfg)
-    acc = topk_accuracy(predict(scratch, val.images), val.labels)
+    _, scratch = train_classifier(cfg, run_dir / "scratch", progress=progress)
     spec = model_spec(teacher)
     torch.manual_seed(cfg.seed)
     random_init = build_model(ModelSpec.create(spec.arch, heads=spec.heads[0], img_size=spec.img_size))
     return {
         "chance_top1": 100.0 / cfg.num_classes,
         "scratch_model": cfg.model,
-        "scratch_steps": engine.make_plan(cfg, 1).steps,
-        "scratch_seconds": round(seconds, 1),
-        "scratch_top1": acc["top1"],
-        "scratch_top5": acc["top5"],
+        "scratch_steps": scratch["steps"],
+        "scratch_seconds": scratch["train_seconds"],
+        "scratch_top1": scratch["top1"],
+        "scratch_top5": scratch["top5"],
         "teacher_probe_top1": probe_model(teacher, cfg)["top1"],
         "random_init_probe_top1": probe_model(random_init, cfg)["top1"],
     }

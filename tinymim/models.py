@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from timm.layers import Attention, resample_abs_pos_embed
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -48,6 +49,8 @@ ARCHS: dict[str, Arch] = {
     "vit_small": Arch(384, 12, 6),
     "vit_base": Arch(768, 12, 12),
     "vit_large": Arch(1024, 24, 16),
+    # TinyMIM*-T's backbone: ViT-T with 12 heads instead of 3 (same weights' shapes)
+    "tinymim_star_tiny": Arch(192, 12, 12),
     # smoke sizes: 32 px images, patch 8 (a 4x4 grid: measured to learn several times
     # faster per CPU-minute than patch 4), the paper's T < S < B ordering; widths divisible by the teacher's 6 heads
     "micro_tiny": Arch(96, 4, 3, patch_size=8, img_size=32),
@@ -84,6 +87,7 @@ class ModelSpec:
     global_pool: str = "avg"  # avg (MAE fine-tuning, with fc_norm) | token
     img_size: int = 224
     extra_fc: int = 0  # TinyMIM*-T: width of the FC layer before the classifier (1280)
+    dist_token: bool = False  # DeiT-style distillation token with its own head
 
     @classmethod
     def create(
@@ -95,6 +99,7 @@ class ModelSpec:
         global_pool: str = "avg",
         img_size: int | None = None,
         extra_fc: int = 0,
+        dist_token: bool = False,
     ) -> ModelSpec:
         a = get_arch(arch)
         h = heads or a.num_heads
@@ -104,7 +109,10 @@ class ModelSpec:
         for i, n in enumerate(layout):
             if a.embed_dim % n:
                 raise ValueError(f"{arch}: block {i + 1} has {n} heads, which does not divide width {a.embed_dim}")
-        return cls(arch, tuple(layout), num_classes, global_pool, img_size or a.img_size, extra_fc)
+        if dist_token and num_classes <= 0:
+            raise ValueError("a distillation token needs a classifier (num_classes > 0)")
+        return cls(arch, tuple(layout), num_classes, "token" if dist_token else global_pool,
+                   img_size or a.img_size, extra_fc, dist_token)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,7 +136,9 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True) 
     a = get_arch(spec.arch)
     if len(spec.heads) != a.depth:
         raise ValueError(f"{spec.arch}: head layout has {len(spec.heads)} entries, model has {a.depth} blocks")
-    model = VisionTransformer(
+    # DeiT's class (timm): a distillation token beside the class token, a second head, and
+    # the two heads' predictions averaged outside distilled training
+    model = (VisionTransformerDistilled if spec.dist_token else VisionTransformer)(
         img_size=spec.img_size,
         patch_size=a.patch_size,
         embed_dim=a.embed_dim,
@@ -147,12 +157,13 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True) 
     if spec.extra_fc:
         if spec.num_classes <= 0:
             raise ValueError("extra_fc needs a classifier (num_classes > 0)")
-        # MobileNetV3-style: widen the pooled feature before the classifier
-        model.head = nn.Sequential(OrderedDict(
-            fc=nn.Linear(a.embed_dim, spec.extra_fc),
-            act=nn.Hardswish(),
-            classifier=nn.Linear(spec.extra_fc, spec.num_classes),
-        ))
+        # MobileNetV3-style: one FC widens the pooled feature before the classifier; with a
+        # distillation token both heads share it (one extra layer, as the paper counts it)
+        fc, act = nn.Linear(a.embed_dim, spec.extra_fc), nn.Hardswish()
+        model.head = nn.Sequential(OrderedDict(fc=fc, act=act, classifier=nn.Linear(spec.extra_fc, spec.num_classes)))
+        if spec.dist_token:
+            model.head_dist = nn.Sequential(OrderedDict(
+                fc=fc, act=act, classifier=nn.Linear(spec.extra_fc, spec.num_classes)))
     if mae_init:
         init_mae_(model)
     model.tinymim_spec = spec  # type: ignore[attr-defined]
@@ -180,7 +191,11 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
 def init_mae_(model: VisionTransformer) -> None:
     """MAE initialisation, in place (models_mae.initialize_weights)."""
     grid = model.patch_embed.grid_size[0]
-    model.pos_embed.data.copy_(sincos_pos_embed(model.embed_dim, grid, cls_token=model.cls_token is not None))
+    pe = sincos_pos_embed(model.embed_dim, grid, cls_token=model.cls_token is not None)
+    if getattr(model, "dist_token", None) is not None:  # zero slot for the distillation token too
+        pe = torch.cat([pe[:, :1], pe], dim=1)
+        nn.init.normal_(model.dist_token, std=0.02)
+    model.pos_embed.data.copy_(pe)
     model.pos_embed.requires_grad_(False)
     w = model.patch_embed.proj.weight.data
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -194,9 +209,9 @@ def init_mae_(model: VisionTransformer) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    head = model.head
-    if isinstance(head, nn.Linear):  # MAE fine-tuning: head weight trunc_normal(.02)-like, small
-        nn.init.trunc_normal_(head.weight, std=2e-5)
+    for head in (model.head, getattr(model, "head_dist", None)):
+        if isinstance(head, nn.Linear):  # MAE fine-tuning: a near-zero classifier at start
+            nn.init.trunc_normal_(head.weight, std=2e-5)
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
@@ -263,7 +278,7 @@ def paper_model_specs(num_classes: int = 1000) -> dict[str, ModelSpec]:
         "ViT-S": ModelSpec.create("vit_small", num_classes),
         "ViT-B": ModelSpec.create("vit_base", num_classes),
         "ViT-L": ModelSpec.create("vit_large", num_classes),
-        "TinyMIM*-T": ModelSpec.create("vit_tiny", num_classes, heads=12, extra_fc=1280),
+        "TinyMIM*-T": ModelSpec.create("tinymim_star_tiny", num_classes, extra_fc=1280),
     }
 
 
@@ -429,7 +444,7 @@ def _infer_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:
     except KeyError:
         raise CheckpointError(f"{path}: no 'patch_embed.proj.weight' -- not a ViT checkpoint") from None
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    for name, a in ARCHS.items():
+    for name, a in ARCHS.items():  # the first match is the plain model (vit_tiny before TinyMIM*-T)
         if (a.embed_dim, a.depth, a.patch_size) == (width, depth, patch):
             return name
     raise CheckpointError(f"{path}: no known model has width {width}, depth {depth}, patch {patch}; "
@@ -461,13 +476,17 @@ def load_teacher(name: str | None, path: str | os.PathLike | None = None, img_si
             spec = ModelSpec.from_dict(ckpt["spec"])
             if name and name != spec.arch:
                 raise CheckpointError(f"{path}: checkpoint holds a {spec.arch}, but teacher {name!r} was asked for")
-            spec = replace(spec, num_classes=0, extra_fc=0, img_size=img_size or spec.img_size)
+            spec = replace(spec, num_classes=0, extra_fc=0, dist_token=False, global_pool="avg",
+                           img_size=img_size or spec.img_size)
         else:
             arch = name or _infer_arch(sd, path)
             spec = ModelSpec.create(arch, heads=heads, img_size=img_size)
         model = build_model(spec, mae_init=False)
+        sd = {k: v for k, v in sd.items() if k != "dist_token"}
+        if "dist_token" in (ckpt.get("spec") or {}) and ckpt["spec"]["dist_token"]:
+            sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], dim=1)
         sd = adapt_pos_embed(sd, model)
-        load_weights(model, sd, str(path), allow_unexpected=("head.", "fc_norm.", "dist_token", "head_dist."))
+        load_weights(model, sd, str(path), allow_unexpected=("head.", "fc_norm.", "head_dist."))
     model.eval().requires_grad_(False)
     return model
 
@@ -507,3 +526,29 @@ def summary_table(profile: str = "smoke"):
         for name in ("micro_tiny", "micro_small", "micro_base"):
             specs[name] = ModelSpec.create(name, num_classes=10)
     return pd.DataFrame([summary_row(name, spec) for name, spec in specs.items()]).set_index("model")
+
+
+def load_classifier(source: str | os.PathLike, num_classes: int = 1000) -> nn.Module:
+    """A frozen, eval-mode classifier: a fine-tuned tinymim checkpoint path (rebuilt from
+    its recorded spec), or 'timm:<model name>=<weights file>' for any timm classifier
+    (offline). Used as the hard-label teacher of DeiT-style distillation fine-tuning."""
+    source = str(source)
+    if source.startswith("timm:"):
+        import timm
+
+        name, sep, path = source[5:].partition("=")
+        if not sep or not Path(path).is_file():
+            raise CheckpointError(f"{source}: expected timm:<model name>=<existing weights file>")
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                  pretrained_cfg_overlay={"file": path})
+    else:
+        ckpt = read_checkpoint(source)
+        if "spec" not in ckpt:
+            raise CheckpointError(f"{source}: not a tinymim checkpoint (no model spec); for other classifiers "
+                                  f"use timm:<model name>=<weights file>")
+        spec = ModelSpec.from_dict(ckpt["spec"])
+        if spec.num_classes != num_classes:
+            raise CheckpointError(f"{source}: a {spec.num_classes}-class classifier, {num_classes} classes expected")
+        model = build_model(spec, mae_init=False)
+        load_weights(model, clean_state_dict(_state_dict_of(ckpt, Path(source))), source)
+    return model.eval().requires_grad_(False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .config import PretrainConfig
+from .config import PretrainConfig, get_config
 from .data import two_view_batches
 from .data.transforms import TwoViews
 from .distill import Distiller, check_pairing, default_teacher_block
@@ -36,6 +36,22 @@ def default_teacher_path(run_dir: str | os.PathLike, teacher_path: str | None = 
         return str(teacher_path)
     made = Path(run_dir) / "01_models" / "teacher.pth"
     return str(made) if made.exists() else None
+
+
+def obtain_student(run_dir: str | os.PathLike, profile: str, path: str | None = None,
+                   progress: bool = True) -> Path:
+    """A notebook's distilled student: the one given, else notebook 02's in the run
+    directory, else -- in smoke -- distilled now with the default smoke config."""
+    if path:
+        return Path(path)
+    made = Path(run_dir) / "02_distill_pretrain" / "student.pth"
+    if made.exists():
+        return made
+    if profile != "smoke":
+        raise ValueError(f"no distilled student: pass `pretrained` or run notebook 02 into {run_dir} first")
+    return pretrain(get_config("pretrain", profile="smoke",
+                               overrides={"teacher_path": default_teacher_path(run_dir)}),
+                    made.parent, progress=progress)
 
 
 def resolve_teacher_path(cfg: PretrainConfig, progress: bool = True) -> Path:

@@ -102,3 +102,17 @@ def plot_relations(models: dict[str, tuple[VisionTransformer, int]], image: torc
             ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+def plot_confusion(counts: torch.Tensor, class_names: Sequence[str], ax=None, title: str = ""):
+    """Row-normalised confusion matrix (rows = true class)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    rates = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return ax
