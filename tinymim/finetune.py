@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from . import engine
 from .config import FinetuneConfig, get_config
-from .data import ImageNetFolder, LoaderBatches, TensorBatches, synthetic
+from .data import ImageNetFolder, LoaderBatches, TensorBatches, limit, split_dir, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
 from .models import (
     CheckpointError,
@@ -125,16 +125,6 @@ def build_classifier(cfg: FinetuneConfig) -> nn.Module:
     return model
 
 
-def _split(root: str | os.PathLike, split: str) -> Path:
-    """`root/<split>` when it exists (an ImageNet root), else `root` itself for train."""
-    path = Path(root) / split
-    if path.is_dir():
-        return path
-    if split == "train":
-        return Path(root)
-    raise FileNotFoundError(f"{path}: no '{split}' folder under the dataset root {root}")
-
-
 def train_transform(cfg: FinetuneConfig):
     """MAE's fine-tuning pipeline (timm): RandomResizedCrop bicubic, flip, RandAugment,
     ImageNet normalisation, random erasing (pixel mode)."""
@@ -155,7 +145,7 @@ def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int =
         train = synthetic("train", cfg, size=cfg.data_limit)
         return TensorBatches(train.images, train.labels, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
                              world_size=world_size)
-    ds = ImageNetFolder(_split(cfg.data, "train"), transform=train_transform(cfg))
+    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=train_transform(cfg)), cfg.data_limit)
     return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                          world_size=world_size)
 
@@ -217,7 +207,7 @@ def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch
         ds = synthetic(split, cfg)
         logits, labels = predict(model, ds.images, device=device), ds.labels
     else:
-        ds = ImageNetFolder(_split(cfg.data, split), transform=eval_transform(cfg.input_size))
+        ds = ImageNetFolder(split_dir(cfg.data, split), transform=eval_transform(cfg.input_size))
         loader = DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers)
         model.eval().to(device)
         outs, ys = [], []

@@ -7,7 +7,11 @@ The helpers below turn a config's `data` field into what the engine iterates.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+from torch.utils.data import Dataset, Subset
 
 from .batches import LoaderBatches, TensorBatches
 from .folders import ADE20K, DataError, ImageNetFolder, open_rgb, reduce_zero_label, resource_lines
@@ -24,9 +28,19 @@ def synthetic(split: str, cfg: Any | None = None, size: int | None = None) -> Sy
     return SyntheticShapes(SyntheticSpec(image_size=image_size), split, size or SMOKE_SPLITS[split])
 
 
-def _limit(ds, n: int | None):
-    from torch.utils.data import Subset
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """`root/<split>` of an ImageNet root; for 'train' a folder of class folders is
+    accepted as it is."""
+    path = Path(root) / split
+    if path.is_dir():
+        return path
+    if split == "train" and Path(root).is_dir():
+        return Path(root)
+    raise DataError(f"{path}: no '{split}' folder under the dataset root {root}")
 
+
+def limit(ds: Dataset, n: int | None) -> Dataset:
+    """The first `n` samples of `ds` (config `data_limit`: quick trials on real folders)."""
     return ds if n is None or n >= len(ds) else Subset(ds, range(n))
 
 
@@ -49,7 +63,7 @@ def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-    ds = _limit(ImageNetFolder(cfg.data, transform=tf), cfg.data_limit)
+    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=tf), cfg.data_limit)
     return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                          world_size=world_size)
 
@@ -62,12 +76,12 @@ def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
     from .transforms import TwoViews
 
     views = TwoViews(cfg.input_size, tuple(cfg.crop_scale), cfg.color_jitter).per_sample()
-    ds = _limit(ImageNetFolder(cfg.data, transform=views), cfg.data_limit)
+    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=views), cfg.data_limit)
     return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                          world_size=world_size)
 
 
 __all__ = [
     "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "TensorBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
-    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines", "synthetic", "two_view_batches",
+    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "limit", "resource_lines", "split_dir", "synthetic", "two_view_batches",
 ]
