@@ -116,3 +116,10 @@ def test_plan_accumulates_to_config_batch():
     plan = engine.make_plan(cfg, steps_per_epoch=312, world_size=8)
     assert plan.accum_steps * plan.micro_batch * plan.world_size == 4096
     assert plan.steps == 300 * 312 and plan.warmup_steps == 15 * 312
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    engine.train(_mae_task(), _batches(), _cfg(steps=3), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another config.*lr"):
+        engine.train(_mae_task(), _batches(), _cfg(steps=3, lr=5e-3), tmp_path, progress=False)
+    engine.train(_mae_task(), _batches(), _cfg(steps=3, log_every=2), tmp_path, progress=False)  # harmless change

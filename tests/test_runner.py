@@ -57,7 +57,8 @@ def test_only_selects_by_number(notebooks):
 
 
 def test_metrics_refuse_non_data(tmp_path):
-    record_metrics(tmp_path, "a", {"x": 1.5})
+    record_metrics(tmp_path, "a", {"x": 1.5, "undefined": float("nan")})
+    assert load_metrics(tmp_path)["a"]["undefined"] is None
     with pytest.raises(TypeError, match="not JSON data"):
         record_metrics(tmp_path, "b", {"x": object()})
     assert load_metrics(tmp_path)["a"]["x"] == 1.5

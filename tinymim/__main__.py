@@ -56,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--workers", type=int, default=8)
 
+    p = sub.add_parser("segment", help="ADE20K UperNet fine-tuning + mIoU (torchrun-ready)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    _add_common(p)
+
+    p = sub.add_parser("robustness", help="ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier")
+    p.add_argument("checkpoint", help="a tinymim classifier checkpoint, or timm:<model name>=<weights file>")
+    p.add_argument("--imagenet-a", default=None, help="folder of the 200 ImageNet-A wnids")
+    p.add_argument("--imagenet-r", default=None, help="folder of the 200 ImageNet-R wnids")
+    p.add_argument("--imagenet-c", default=None, help="ImageNet-C root: <corruption>/<severity>/<wnid>/")
+    p.add_argument("--profile", choices=PROFILES, default="paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "config":
@@ -108,6 +121,21 @@ def main(argv: list[str] | None = None) -> int:
             model = load_classifier(args.checkpoint, args.num_classes)
             where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers)
             print(json.dumps(evaluate(model, where), indent=2))
+        elif args.command == "segment":
+            from .engine import setup_distributed
+            from .segmentation import train_segmentation
+
+            cfg = get_config("segmentation", args.model, args.profile, parse_overrides(args.overrides))
+            _, metrics = train_segmentation(cfg, args.out, device=setup_distributed())
+            print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
+        elif args.command == "robustness":
+            from .models import load_classifier
+            from .robustness import evaluate_robustness
+
+            cfg = get_config("robustness", profile=args.profile, overrides=parse_overrides(args.overrides))
+            model = load_classifier(args.checkpoint, num_classes=None)
+            print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c),
+                             indent=2))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -153,7 +153,9 @@ class SegmentationConfig(BaseConfig):
     num_classes: int = 150
     pretrained: str | None = None
     layer_decay: float = 0.75
-    out_indices: tuple[int, ...] = (3, 5, 7, 11)
+    out_indices: tuple[int, ...] = (3, 5, 7, 11)  # blocks 4, 6, 8, 12
+    channels: int = 512  # UperNet width (mmseg's UPerHead default)
+    aux_channels: int = 256
     aux_weight: float = 0.4
     slide_stride: int = 341
     reduce_zero_label: bool = True
@@ -171,6 +173,7 @@ class RobustnessConfig(BaseConfig):
     )
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     resize: int | None = None  # None = centre crop only, as hendrycks' ImageNet-C script
+    num_images: int | None = None  # synthetic data: how many val images get a "-C" version
 
 
 STAGES: dict[str, type[BaseConfig]] = {
@@ -209,8 +212,8 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
         return common | dict(input_size=512, lr=1e-4, steps=160000, warmup_steps=1500, batch_size=16,
                              betas=(0.9, 0.999), layer_decay=0.75, min_lr=0.0, schedule="linear",
                              drop_path=0.1, num_classes=150, num_workers=4, ckpt_every=16000)
-    if stage == "robustness":
-        return common | dict(batch_size=256, lr=0.0, drop_path=0.0)
+    if stage == "robustness":  # the ImageNet-A/R/C folders are given per run
+        return common | dict(batch_size=256, lr=0.0, drop_path=0.0, data="imagenet")
     raise ConfigError(f"unknown stage {stage!r}")
 
 
@@ -231,9 +234,10 @@ def _smoke(stage: str, model: str) -> dict[str, Any]:
     if stage == "segmentation":
         return common | dict(lr=1e-3, steps=600, warmup_steps=50, batch_size=32, betas=(0.9, 0.999),
                              layer_decay=0.9, min_lr=0.0, schedule="linear", drop_path=0.0,
-                             num_classes=11, out_indices=(0, 1, 2, 3), slide_stride=21, reduce_zero_label=False)
+                             num_classes=11, out_indices=(0, 1, 2, 3), slide_stride=21, reduce_zero_label=False,
+                             channels=64, aux_channels=32)
     if stage == "robustness":
-        return common | dict(batch_size=500, lr=0.0, drop_path=0.0, severities=(1, 2, 3, 4, 5))
+        return common | dict(batch_size=500, lr=0.0, drop_path=0.0, num_images=200)
     raise ConfigError(f"unknown stage {stage!r}")
 
 
@@ -253,6 +257,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(key, value, args[0])
+    if isinstance(value, str) and origin is tuple and typing.get_args(tp)[0] is str and not value.startswith("["):
+        value = [v.strip() for v in value.split(",") if v.strip()]  # "contrast,fog"
     if isinstance(value, str) and (tp in (int, float, bool) or origin is tuple):
         text = f"[{value}]" if origin is tuple and not value.startswith("[") else value  # "0.9,0.95"
         text = text.lower() if tp is bool else text  # True / true

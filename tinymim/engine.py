@@ -181,6 +181,7 @@ def train(
     step = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        _check_same_run(state.get("config", {}), cfg.to_dict(), ckpt_path)
         task.load_state_dict(state["task"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -274,6 +275,20 @@ def train(
     if writer is not None:
         writer.close()
     return last | {"done": step >= plan.steps}
+
+
+# settings that may change between a run and its resumption without changing the result
+_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "num_workers", "micro_batch_size"}
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint written under another config (a silent mix-up)."""
+    diff = sorted(k for k in set(saved) | set(current)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:8])
+        raise ValueError(f"{path}: holds a run with another config ({details}); "
+                         f"use a new run directory, or delete this one to start over")
 
 
 def _flatten(batch) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ Written here: the hard-label distillation loss, which timm does not ship.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -265,18 +266,25 @@ def probe_model(model: nn.Module, cfg: Any) -> dict[str, float]:
     return linear_probe(features(model, train.images), train.labels, features(model, val.images), val.labels)
 
 
+def scratch_dir(run_dir: str | os.PathLike, cfg: FinetuneConfig) -> Path:
+    """Where a run directory keeps a from-scratch baseline, named by its config: notebooks
+    01, 03 and 05 share one when their configs agree (the engine then just resumes a
+    finished run) and never mix up two that differ."""
+    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(run_dir) / "baselines" / f"{cfg.model}-scratch-{key}"
+
+
 def smoke_learnability(teacher: nn.Module, run_dir: str | os.PathLike, overrides: dict | None = None,
                        progress: bool = True) -> dict[str, Any]:
     """The smoke profile's two sanity checks on the synthetic data.
 
-    (a) a micro ViT trained from scratch on the labelled split must beat chance by far;
+    (a) a micro ViT trained from scratch on the labelled split must beat chance by far
+    (the baseline of notebook 03, kept in the run directory's baselines/);
     (b) the MAE teacher's linear probe must beat the linear probe of a randomly
     initialised ViT of the same size -- i.e. pre-training on the pool learned something.
     """
-    run_dir = Path(run_dir)
-    # from scratch: no layer-wise decay (there is no pre-trained hierarchy to protect)
-    cfg = get_config("finetune", profile="smoke", overrides={"layer_decay": 1.0} | dict(overrides or {}))
-    _, scratch = train_classifier(cfg, run_dir / "scratch", progress=progress)
+    cfg = comparison_configs("smoke", None, overrides=overrides)["scratch"]
+    _, scratch = train_classifier(cfg, scratch_dir(run_dir, cfg), progress=progress)
     spec = model_spec(teacher)
     torch.manual_seed(cfg.seed)
     random_init = build_model(ModelSpec.create(spec.arch, heads=spec.heads[0], img_size=spec.img_size))
@@ -290,3 +298,48 @@ def smoke_learnability(teacher: nn.Module, run_dir: str | os.PathLike, overrides
         "teacher_probe_top1": probe_model(teacher, cfg)["top1"],
         "random_init_probe_top1": probe_model(random_init, cfg)["top1"],
     }
+
+
+def comparison_configs(profile: str, student: str | os.PathLike | None, model: str | None = None,
+                       overrides: dict | None = None) -> dict[str, FinetuneConfig]:
+    """Notebook 03's pair: the distilled student fine-tuned, and the same model from
+    scratch under the same recipe but without layer decay (no pre-trained hierarchy)."""
+    overrides = dict(overrides or {})
+    out = {"scratch": get_config("finetune", model, profile, overrides | {"pretrained": None, "layer_decay": 1.0})}
+    if student is not None:
+        out["distilled"] = get_config("finetune", model, profile, {"pretrained": str(student)} | overrides)
+    return out
+
+
+def run_comparison(run_dir: str | os.PathLike, profile: str, student: str | os.PathLike, model: str | None = None,
+                   overrides: dict | None = None, with_scratch: bool = True,
+                   progress: bool = True) -> dict[str, Path]:
+    """Fine-tune the distilled student (run_dir/03_finetune/distilled) and the scratch
+    baseline (shared, see `scratch_dir`); returns each run directory, which holds
+    model.pth, eval.json and metrics.jsonl. Finished runs are not trained again."""
+    configs = comparison_configs(profile, student, model, overrides)
+    dirs = {"distilled": Path(run_dir) / "03_finetune" / "distilled"}
+    if with_scratch:
+        dirs["scratch"] = scratch_dir(run_dir, configs["scratch"])
+    for name, path in dirs.items():
+        finished = (path / "eval.json").exists() and (path / "model.pth").exists()
+        if not (finished and read_checkpoint(path / "model.pth").get("config") == configs[name].to_dict()):
+            train_classifier(configs[name], path, progress=progress)  # resumes; refuses another config
+    return dirs
+
+
+def obtain_classifiers(run_dir: str | os.PathLike, profile: str, progress: bool = True) -> dict[str, Path]:
+    """The checkpoints of notebook 03's comparison in `run_dir`, made now if missing
+    (smoke: the student too, on demand)."""
+    from .pretrain import obtain_student
+
+    student = obtain_student(run_dir, profile, progress=progress)
+    if profile != "smoke":
+        dirs = {"distilled": Path(run_dir) / "03_finetune" / "distilled",
+                "scratch": scratch_dir(run_dir, comparison_configs(profile, None)["scratch"])}
+        missing = [str(p / "model.pth") for p in dirs.values() if not (p / "model.pth").exists()]
+        if missing:
+            raise FileNotFoundError(f"no fine-tuned models at {missing}: run notebook 03 first, or pass checkpoints")
+        return {name: path / "model.pth" for name, path in dirs.items()}
+    dirs = run_comparison(run_dir, profile, student, progress=progress)
+    return {name: path / "model.pth" for name, path in dirs.items()}

@@ -126,12 +126,14 @@ class ModelSpec:
         return cls(**d)
 
 
-def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True) -> VisionTransformer:
+def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True,
+                dynamic_img_size: bool = False) -> VisionTransformer:
     """A timm ViT for `spec`.
 
     `mae_init` applies MAE's initialisation (fixed 2-D sin-cos position embedding, xavier
     linears, patch projection as a linear, class token N(0, .02)) -- the student recipe
-    of METHOD.md. With `mae_init=False` timm's own init is kept.
+    of METHOD.md. With `mae_init=False` timm's own init is kept. `dynamic_img_size`
+    accepts any input size, resampling the position embedding on the fly (segmentation).
     """
     a = get_arch(spec.arch)
     if len(spec.heads) != a.depth:
@@ -150,6 +152,7 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True) 
         global_pool=spec.global_pool,
         fc_norm=spec.global_pool == "avg" and spec.num_classes > 0,
         drop_path_rate=drop_path,
+        dynamic_img_size=dynamic_img_size,
     )
     for blk, h in zip(model.blocks, spec.heads):
         if blk.attn.num_heads != h:
@@ -528,10 +531,11 @@ def summary_table(profile: str = "smoke"):
     return pd.DataFrame([summary_row(name, spec) for name, spec in specs.items()]).set_index("model")
 
 
-def load_classifier(source: str | os.PathLike, num_classes: int = 1000) -> nn.Module:
+def load_classifier(source: str | os.PathLike, num_classes: int | None = 1000) -> nn.Module:
     """A frozen, eval-mode classifier: a fine-tuned tinymim checkpoint path (rebuilt from
     its recorded spec), or 'timm:<model name>=<weights file>' for any timm classifier
-    (offline). Used as the hard-label teacher of DeiT-style distillation fine-tuning."""
+    (offline). Used as the hard-label teacher of DeiT-style distillation fine-tuning and
+    for evaluation; `num_classes=None` accepts a tinymim checkpoint's own class count."""
     source = str(source)
     if source.startswith("timm:"):
         import timm
@@ -539,7 +543,7 @@ def load_classifier(source: str | os.PathLike, num_classes: int = 1000) -> nn.Mo
         name, sep, path = source[5:].partition("=")
         if not sep or not Path(path).is_file():
             raise CheckpointError(f"{source}: expected timm:<model name>=<existing weights file>")
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes or 1000,
                                   pretrained_cfg_overlay={"file": path})
     else:
         ckpt = read_checkpoint(source)
@@ -547,7 +551,7 @@ def load_classifier(source: str | os.PathLike, num_classes: int = 1000) -> nn.Mo
             raise CheckpointError(f"{source}: not a tinymim checkpoint (no model spec); for other classifiers "
                                   f"use timm:<model name>=<weights file>")
         spec = ModelSpec.from_dict(ckpt["spec"])
-        if spec.num_classes != num_classes:
+        if num_classes is not None and spec.num_classes != num_classes:
             raise CheckpointError(f"{source}: a {spec.num_classes}-class classifier, {num_classes} classes expected")
         model = build_model(spec, mae_init=False)
         load_weights(model, clean_state_dict(_state_dict_of(ckpt, Path(source))), source)

@@ -8,6 +8,7 @@ can never show a number that no run produced.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -21,7 +22,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # not measured (or undefined): JSON has no NaN, and a report shows a gap
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not JSON data")
@@ -35,7 +38,7 @@ def record_metrics(run_dir: str | os.PathLike, section: str, metrics: dict[str, 
     data[section] = {**_jsonable(metrics), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
     return path
 

@@ -116,3 +116,24 @@ def plot_confusion(counts: torch.Tensor, class_names: Sequence[str], ax=None, ti
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     return ax
+
+
+def plot_segmentation(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, num_classes: int, n: int = 6):
+    """Rows: image, ground truth over the image, prediction over the image (255 = ignored, grey)."""
+    cmap = plt.get_cmap("tab20", max(num_classes, 2))
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
+    for i in range(min(n, len(images))):
+        rgb = images[i].permute(1, 2, 0).cpu().numpy() if images.dtype == torch.uint8 else _to_rgb(images[i])
+        for r, mask in enumerate((None, truth[i], pred[i])):
+            ax = axes[r, i]
+            ax.imshow(rgb, interpolation="nearest")
+            if mask is not None:
+                m = mask.cpu().float()
+                colored = cmap(m.clamp(max=num_classes - 1).int().numpy() % cmap.N)
+                colored[..., 3] = 0.6 * (m != 255).numpy()
+                ax.imshow(colored, interpolation="nearest")
+            ax.axis("off")
+    for r, title in enumerate(("image", "ground truth", "prediction")):
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
