@@ -126,3 +126,24 @@ def test_synthetic_robustness_report_end_to_end(tmp_path, monkeypatch):
     assert row["synthetic_c baseline_mCE"] == pytest.approx(100.0)  # the same model against itself
     assert "synthetic_c mCE" not in row  # no AlexNet reference for a non-standard table
     assert set(other["synthetic_c"]["definitions"]) == {"mean_error", "baseline_mCE"}
+
+
+def test_any_folder_gets_a_c_version_the_walker_reads(tmp_path):
+    from tinymim.robustness import errors_on_imagenet_c, write_corrupted_folder
+
+    for c in ("n01", "n02"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(len(c)).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            tmp_path / "src" / c / "x.png")
+    kinds, sevs = ("fog", "pixelate"), (1, 4)
+    dst = write_corrupted_folder(tmp_path / "src", tmp_path / "c", kinds, sevs, size=32)
+    files = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.png"))
+    assert len(files) == 8 and files[0] == "fog/1/n01/x.png"
+    assert Image.open(dst / "fog" / "4" / "n02" / "x.png").size == (32, 32)
+
+    class Always0(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0]]).expand(len(x), 2)
+
+    res = errors_on_imagenet_c(Always0(), dst, kinds, sevs, input_size=32, workers=0)
+    assert res["errors"] == {"fog": {1: 0.5, 4: 0.5}, "pixelate": {1: 0.5, 4: 0.5}}

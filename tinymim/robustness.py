@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -184,6 +185,32 @@ def corrupted_copy(images: np.ndarray, corruption: str, severity: int, seed: int
     np.save(tmp, out)
     os.replace(tmp, path)
     return out
+
+
+def write_corrupted_folder(src: str | os.PathLike, dst: str | os.PathLike, corruptions: Sequence[str] = CORRUPTIONS,
+                           severities: Sequence[int] = SEVERITIES, size: int | None = 224, seed: int = 0) -> Path:
+    """A "-C" copy of any class-folder dataset in ImageNet-C's layout
+    (`<dst>/<corruption>/<severity>/<class>/<name>.png`), so `errors_on_imagenet_c` reads
+    it. As ImageNet-C was made, images are first resized (short side size/0.875) and
+    centre-cropped to `size` (None keeps them; imagecorruptions needs 32 px or more). Files already written are
+    kept, so an interrupted run continues; image i of the dataset is seeded (seed, i)."""
+    from torchvision import transforms as T
+
+    ds = ImageNetFolder(src)
+    prep = T.Compose([T.Resize(round(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size)]) if size else (lambda im: im)
+    dst = Path(dst)
+    for i, (path, label) in enumerate(ds.samples):
+        targets = {(c, s): dst / c / str(s) / ds.classes[label] / (Path(path).stem + ".png")
+                   for c in corruptions for s in severities}
+        todo = {k: v for k, v in targets.items() if not v.exists()}
+        if not todo:
+            continue
+        img = np.asarray(prep(ds.loader(path)))[None]
+        for (c, s), out in todo.items():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(corrupt_images(img, c, s, seed * 1_000_003 + i)[0]).save(out)
+    return dst
 
 
 def errors_on_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
