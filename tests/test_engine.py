@@ -107,7 +107,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = _cfg(steps=8, ckpt_every=2, log_every=2)
     with pytest.raises(engine.TrainingDiverged, match="NaN"):
         engine.train(_Exploding(), _batches(), cfg, tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert state["step"] == 4 and torch.isfinite(state["task"]["w"]).all()
 
 
