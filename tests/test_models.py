@@ -174,3 +174,22 @@ def test_timm_source_from_local_file(tmp_path):
     t = load_teacher("timm:vit_tiny_patch16_224", tmp_path / "timm.pth")
     assert torch.equal(t.cls_token, m.cls_token) and model_spec(t).arch == "vit_tiny"
     assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_sincos_matches_mae_reference_formula():
+    import numpy as np
+
+    from tinymim.models import sincos_pos_embed
+
+    # MAE util/pos_embed.py, written out: meshgrid(w, h), first half from grid[0] (columns)
+    dim, g = 16, 3
+    grid = np.stack(np.meshgrid(np.arange(g, dtype=float), np.arange(g, dtype=float)), 0).reshape(2, 1, g, g)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    ref = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+    ours = sincos_pos_embed(dim, g)[0]
+    assert torch.allclose(ours[0], torch.zeros(dim)) and torch.allclose(ours[1:], torch.tensor(ref).float(), atol=1e-6)

@@ -185,7 +185,7 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    pe = torch.cat([emb(gy), emb(gx)], dim=1)  # MAE puts the h-axis first
+    pe = torch.cat([emb(gx), emb(gy)], dim=1)  # as MAE's meshgrid(w, h): column coordinate first
     if cls_token:
         pe = torch.cat([torch.zeros(1, dim, dtype=pe.dtype), pe], dim=0)
     return pe.float().unsqueeze(0)
