@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resi
 from .models import (
     CheckpointError,
     ModelSpec,
+    adapt_pos_embed,
     build_model,
     clean_state_dict,
     load_classifier,
@@ -111,11 +113,9 @@ def build_classifier(cfg: FinetuneConfig) -> nn.Module:
     if heads is not None:
         if len(heads) != len(spec.heads):
             raise CheckpointError(f"{cfg.pretrained}: {len(heads)} blocks, but {cfg.model} has {len(spec.heads)}")
-        spec = ModelSpec(**{**spec.__dict__, "heads": heads})
+        spec = replace(spec, heads=heads)
     model = build_model(spec, drop_path=cfg.drop_path)
     if sd:
-        from .models import adapt_pos_embed
-
         if cfg.dist_token and "pos_embed" in sd and sd["pos_embed"].shape[1] == model.pos_embed.shape[1] - 1:
             pe = sd["pos_embed"]  # the distillation token starts at the class token's position
             sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, :1], pe[:, 1:]], dim=1)

@@ -22,7 +22,7 @@ from . import engine
 from .config import MAEConfig, get_config
 from .data import pool_batches
 from .data.transforms import normalize, random_resized_crop_flip
-from .models import ModelSpec, build_model, save_model, sincos_pos_embed
+from .models import ModelSpec, atomic_save, build_model, save_model, sincos_pos_embed
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -135,8 +135,7 @@ def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = Tr
     engine.train(task, pool_batches(cfg), cfg, run_dir, progress=progress)
     out = run_dir / "teacher.pth"
     save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
-    torch.save(task.state_dict(), run_dir / ".mae_full.tmp")
-    os.replace(run_dir / ".mae_full.tmp", run_dir / "mae_full.pth")
+    atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
     return out
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
             extra = spec_d["extra_fc"]
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
     if heads is not None:
-        spec = ModelSpec(**{**spec.__dict__, "heads": heads})
+        spec = replace(spec, heads=heads)
     backbone = build_model(spec, drop_path=cfg.drop_path, dynamic_img_size=True)
     extra_fc = nn.Sequential(nn.Linear(backbone.embed_dim, extra), nn.Hardswish()) if extra else None
     if sd:
