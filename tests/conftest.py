@@ -12,3 +12,13 @@ os.environ.update({
     "TINYMIM_RUN_DIR": os.path.join(_TMP, "run"),
     "MPLBACKEND": "Agg",
 })
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks train for minutes: mark them slow, so `-m "not slow"` gives the quick
+    unit suite while iterating. The README's test command runs everything."""
+    import pytest
+
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
