@@ -504,7 +504,7 @@ def _load_timm_teacher(timm_name: str, path: str | os.PathLike | None, img_size:
         if not Path(path).is_file():
             raise CheckpointError(f"{path}: checkpoint file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    model = timm.create_model(timm_name, pretrained=True, **kwargs)  # hub download only when path is None
+    model = timm.create_model(timm_name, pretrained=True, **kwargs)  # offline with a file; hub only if the user gives none
     if not isinstance(model, VisionTransformer):
         raise CheckpointError(f"timm:{timm_name} is a {type(model).__name__}, not a VisionTransformer")
     arch = next((k for k, a in ARCHS.items() if (a.embed_dim, a.depth) == (model.embed_dim, len(model.blocks))), None)
@@ -543,7 +543,7 @@ def load_classifier(source: str | os.PathLike, num_classes: int | None = 1000) -
         name, sep, path = source[5:].partition("=")
         if not sep or not Path(path).is_file():
             raise CheckpointError(f"{source}: expected timm:<model name>=<existing weights file>")
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes or 1000,
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes or 1000,  # offline: weights from `path`
                                   pretrained_cfg_overlay={"file": path})
     else:
         ckpt = read_checkpoint(source)
