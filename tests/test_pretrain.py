@@ -91,9 +91,14 @@ def test_ddp_two_processes_match_one(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "two"), port), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "two" / "student_state.pt", weights_only=True)
     for k, v in single.student.state_dict().items():
-        # the key bias has an analytically zero gradient (softmax is shift-invariant), so
-        # AdamW turns its float noise into lr-sized steps; everything else agrees to ~1e-7
-        assert torch.allclose(v, ddp[k], atol=1e-4 if k.endswith("qkv.bias") else 1e-6), k
+        w = ddp[k]
+        if k.endswith("qkv.bias"):
+            # the key bias has an analytically zero gradient (softmax is shift-invariant), so
+            # AdamW turns float noise into steps of up to lr each; compare only q and v tightly
+            d = v.shape[0] // 3
+            assert (v[d:2 * d] - w[d:2 * d]).abs().max() <= 6 * cfg.lr * 1.01, k
+            v, w = torch.cat([v[:d], v[2 * d:]]), torch.cat([w[:d], w[2 * d:]])
+        assert torch.allclose(v, w, atol=1e-6), k
     one = [r["loss"] for r in engine.read_metrics(tmp_path / "one")]
     two = [r["loss"] for r in engine.read_metrics(tmp_path / "two")]
     assert one == pytest.approx(two, abs=1e-5)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="extra papermill parameter (JSON value or string), repeatable")
 
-    p = sub.add_parser("mae", help="MAE pre-training of a teacher encoder")
+    p = sub.add_parser("mae", help="MAE pre-training of a teacher encoder (torchrun-ready)")
     p.add_argument("--model", default=None)
     p.add_argument("--out", required=True, help="run directory; teacher.pth is written there")
     _add_common(p)
@@ -90,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"run directory: {result.run_dir}")
         elif args.command == "mae":
+            from .engine import setup_distributed
             from .mae import pretrain_mae
 
             cfg = get_config("mae", args.model, args.profile, parse_overrides(args.overrides))
-            print(f"teacher: {pretrain_mae(cfg, args.out)}")
+            print(f"teacher: {pretrain_mae(cfg, args.out, device=setup_distributed())}")
         elif args.command == "pretrain":
             from .engine import setup_distributed
             from .pretrain import pretrain, pretrain_sequential

@@ -125,17 +125,20 @@ class MAE(nn.Module):
         return unpatch(pred), mask_img
 
 
-def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = True) -> Path:
+def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = True,
+                 device: str | torch.device = "cpu") -> Path:
     """Train an MAE per `cfg` in `run_dir`; returns the encoder checkpoint (teacher.pth)."""
     run_dir = Path(run_dir)
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
     encoder = build_model(spec, drop_path=cfg.drop_path)
     task = MAE(encoder, cfg)
-    engine.train(task, pool_batches(cfg), cfg, run_dir, progress=progress)
+    rank, world_size = engine.world()
+    engine.train(task, pool_batches(cfg, rank, world_size), cfg, run_dir, device=device, progress=progress)
     out = run_dir / "teacher.pth"
-    save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
-    atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
+    if rank == 0:
+        save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
+        atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
     return out
 
 

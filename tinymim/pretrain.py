@@ -80,16 +80,18 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
         raise ValueError(f"{teacher_path} holds a {arch}, but the config says teacher={cfg.teacher!r}; "
                          f"set teacher={arch} (e.g. --set teacher={arch})")
     block = cfg.teacher_block or default_teacher_block(teacher)
+    if not 1 <= block <= len(teacher.blocks):
+        raise ValueError(f"teacher_block {block} is out of range: the teacher has blocks 1..{len(teacher.blocks)}")
     engine.seed_everything(cfg.seed)  # the student's init is a function of the config seed
-    student = build_student(cfg, teacher.blocks[min(block, len(teacher.blocks)) - 1].attn.num_heads)
+    student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
     check_pairing(student, teacher, block, cfg.target)
     task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio,
                      views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if engine.world()[0] == 0:
-            (run_dir / "config.json").write_text(json.dumps(
-            cfg.to_dict() | {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}, indent=2))
     rank, world_size = engine.world()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        resolved = {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict() | resolved, indent=2))
     result = engine.train(task, two_view_batches(cfg, rank, world_size), cfg, run_dir, device=device,
                           progress=progress, stop_after=stop_after)
     out = run_dir / "student.pth"

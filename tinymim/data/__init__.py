@@ -82,6 +82,7 @@ def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
 
 
 __all__ = [
-    "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "TensorBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
-    "SyntheticSpec", "open_rgb", "pool_batches", "reduce_zero_label", "limit", "resource_lines", "split_dir", "synthetic", "two_view_batches",
+    "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
+    "SyntheticSpec", "TensorBatches", "limit", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines",
+    "split_dir", "synthetic", "two_view_batches",
 ]
