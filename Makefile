@@ -12,5 +12,5 @@ PY := .venv/bin/python
 run: .venv/.installed  ## the whole notebook pipeline on the built-in default (smoke, CPU)
 	$(PY) -m tinymim run --profile smoke
 
-test: .venv/.installed  ## unit tests + every notebook under nbmake
-	$(PY) -m pytest tests --nbmake notebooks -p no:cacheprovider
+test: .venv/.installed  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
+	$(PY) -m pytest tests --nbmake --nbmake-timeout=1800 notebooks -p no:cacheprovider
