@@ -91,7 +91,8 @@ def check_pairing(student: VisionTransformer, teacher: VisionTransformer, teache
 
 
 class Distiller(nn.Module):
-    """TinyMIM distillation task: forward(student_view, teacher_view) -> (loss, parts).
+    """TinyMIM distillation task: forward(images) or forward(student_view, teacher_view)
+    -> (loss, parts).
 
     target='relation' (the paper): Q-K and V-V relations of the teacher's block
     `teacher_block` and the student's last block, KL per head, loss = QK + VV.
@@ -106,17 +107,17 @@ class Distiller(nn.Module):
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, teacher_block: int | None = None,
                  target: str = "relation", mask_ratio: float = 0.0, views: Callable | None = None):
         super().__init__()
+        if target not in ("relation", "feature", "cls"):
+            raise ValueError(f"target: expected relation|feature|cls, got {target!r}")
         self.views = views  # uint8 batch -> (student_view, teacher_view), for in-memory data
         self.teacher_block = teacher_block or default_teacher_block(teacher)
         check_pairing(student, teacher, self.teacher_block, target)
-        if target not in ("relation", "feature", "cls"):
-            raise ValueError(f"target: expected relation|feature|cls, got {target!r}")
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
         self.target, self.mask_ratio = target, mask_ratio
-        self.proj = (nn.Linear(student.embed_dim, teacher.embed_dim) if target != "relation" else None)
-        if target != "relation":
-            last = student.blocks[-1]  # feature targets use the full last block output
-            last.requires_grad_(True)
+        self.proj: nn.Module | None = None
+        if target != "relation":  # feature targets use the full last block output
+            widths_differ = student.embed_dim != teacher.embed_dim
+            self.proj = nn.Linear(student.embed_dim, teacher.embed_dim) if widths_differ else nn.Identity()
         else:
             # stops after the target attention: these never receive gradient
             for m in (student.blocks[-1].attn.proj, student.blocks[-1].ls1, student.blocks[-1].norm2,
