@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinymim.config import get_config
-from tinymim.distill import Distiller, check_pairing, default_teacher_block
+from tinymim.distill import Distiller, _gather_square, check_pairing, default_teacher_block
 from tinymim.models import ModelSpec, build_model
 from tinymim.pretrain import build_student
 
@@ -121,7 +121,27 @@ def test_ablation_targets_train(target):
 def test_student_masking_keeps_ratio_and_aligns_targets():
     student, teacher = _pair()
     d = Distiller(student, teacher, mask_ratio=0.5)
-    loss, _ = d(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
-    assert torch.isfinite(loss)
     keep = d._keep_index(2, torch.device("cpu"))
     assert keep.shape == (2, 1 + 8) and (keep[:, 0] == 0).all()
+    assert all(len(set(k.tolist())) == 9 and k.tolist() == sorted(k.tolist()) for k in keep)
+    t = torch.randn(2, 6, 17, 17)
+    explicit = torch.stack([t[b][:, keep[b]][:, :, keep[b]] for b in range(2)])
+    assert torch.equal(_gather_square(t, keep), explicit)  # rows and columns of the kept tokens
+    # the masked loss equals the unmasked loss computed on the kept tokens only
+    xs, xt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    torch.manual_seed(5)
+    _, parts = d(xs, xt)
+    torch.manual_seed(5)
+    keep = d._keep_index(2, torch.device("cpu"))
+    t_qk, _ = _explicit_relations(teacher, xt, 6)
+    s = student
+    x = s._pos_embed(s.patch_embed(xs)).gather(1, keep[..., None].expand(-1, -1, 96))
+    for blk in s.blocks[:-1]:
+        x = blk(x)
+    from tinymim.attention import block_qkv, relation_logits
+
+    q, k, _ = block_qkv(s.blocks[-1], x)
+    s_qk = relation_logits(q, k).softmax(-1)
+    t_kept = torch.stack([t_qk[b][:, keep[b]][:, :, keep[b]] for b in range(2)])
+    t_kept = t_kept / t_kept.sum(-1, keepdim=True)  # the teacher's logits restricted, renormalised
+    assert parts["loss_qk"].item() == pytest.approx(_kl(t_kept, s_qk).item(), abs=1e-5)

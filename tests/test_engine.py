@@ -15,7 +15,7 @@ from tinymim.models import ModelSpec, build_model
 def _mae_task(seed=0):
     torch.manual_seed(seed)
     cfg = get_config("mae", "micro_tiny", "smoke", {"decoder_dim": "32", "decoder_depth": "1", "decoder_heads": "2"})
-    return MAE(build_model(ModelSpec.create("micro_tiny")), cfg)
+    return MAE(build_model(ModelSpec.create("micro_tiny"), fixed_pos_embed=True), cfg)
 
 
 def _cfg(**kw):

@@ -5,10 +5,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from tinymim import engine
+from tinymim.checkpoints import CheckpointError, save_model
 from tinymim.config import ConfigError, get_config
 from tinymim.engine import build_optimizer
-from tinymim.finetune import Classifier, build_classifier, evaluate, topk_accuracy, train_classifier
-from tinymim.models import CheckpointError, ModelSpec, build_model, model_spec, save_model
+from tinymim.evaluation import topk_accuracy
+from tinymim.finetune import Classifier, build_classifier, evaluate, train_classifier
+from tinymim.models import ModelSpec, build_model, model_spec
 
 
 def _cfg(**kw):
@@ -42,30 +45,56 @@ def test_missing_or_unexpected_keys_are_errors(tmp_path, student_ckpt):
     assert "blocks.1.attn.qkv.weight" in str(e.value) and "mystery.weight" in str(e.value)
 
 
-def test_layer_decay_groups_follow_mae():
-    cfg = _cfg(layer_decay=0.65)
-    model = build_classifier(cfg)
-    opt = build_optimizer(Classifier(model, cfg), cfg)
-    scale = {}
+def _lr_scales(model, cfg):
+    opt = build_optimizer(model, cfg, layer_decay=cfg.layer_decay)
     names = {id(p): n for n, p in model.named_parameters()}
-    for g in opt.param_groups:
-        for p in g["params"]:
-            scale[names[id(p)]] = g["lr_scale"]
+    return {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_layer_decay_groups_follow_mae(pretrained, student_ckpt):
+    """MAE's get_layer_id_for_vit: embeddings (pos_embed included: it is trained) at
+    decay^(depth+1), block i at decay^(depth-i), head and fc_norm at 1."""
+    cfg = _cfg(layer_decay=0.65, pretrained=student_ckpt if pretrained else None)
+    model = build_classifier(cfg)
+    scale = _lr_scales(model, cfg)
     depth = len(model.blocks)
     assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
     assert scale[f"blocks.{depth - 1}.attn.qkv.weight"] == pytest.approx(0.65)
     for i in range(depth):
         assert scale[f"blocks.{i}.mlp.fc1.weight"] == pytest.approx(0.65 ** (depth - i))
     assert scale["patch_embed.proj.weight"] == scale["cls_token"] == pytest.approx(0.65 ** (depth + 1))
+    assert scale["pos_embed"] == pytest.approx(0.65 ** (depth + 1))  # trained, at the embeddings' scale
 
 
-def test_mixup_gives_soft_targets():
+def test_token_pooling_final_norm_at_full_lr_and_recorded(tmp_path):
+    """TinyMIM*-T pools a token through the final norm: MAE gives it lr scale 1 (timm's
+    own grouping would give it the last block's)."""
+    teacher = save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), tmp_path / "t.pth")
+    cfg = _cfg(layer_decay=0.65, dist_token=True, teacher_classifier=teacher)
+    assert cfg.global_pool == "token" and cfg.to_dict()["global_pool"] == "token"
+    model = build_classifier(cfg)
+    scale = _lr_scales(model, cfg)
+    depth = len(model.blocks)
+    assert scale["norm.weight"] == scale["head.weight"] == scale["head_dist.weight"] == 1.0
+    assert scale["dist_token"] == scale["pos_embed"] == pytest.approx(0.65 ** (depth + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_mixup_gives_soft_targets(seed):
+    """Seeded (timm's Mixup draws from NumPy's global RNG): the targets are exactly
+    lam * own + (1 - lam) * partner (the batch flipped), label-smoothed, with the lam
+    that timm drew for this batch (for cutmix, the pasted area's complement)."""
     cfg = _cfg(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     task = Classifier(build_classifier(cfg), cfg)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    _, soft = task.mixup(x, y)
-    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
-    assert ((soft > 0.05).sum(1) >= 2).all()  # two labels mixed per sample (+ smoothing)
+    np.random.seed(seed)
+    lam = task.mixup._mix_batch(x.clone())
+    np.random.seed(seed)
+    _, soft = task.mixup(x.clone(), y)
+    one_hot = torch.full((8, 10), 0.1 / 10).scatter_(1, y[:, None], 1 - 0.1 + 0.1 / 10)
+    assert 0 < lam < 1
+    assert torch.allclose(soft, lam * one_hot + (1 - lam) * one_hot.flip(0), atol=1e-6)
     loss, _ = task(torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8), y)
     assert torch.isfinite(loss)
 
@@ -121,5 +150,53 @@ def test_evaluation_on_a_folder_with_known_answers(tmp_path):
 
 def test_finetune_end_to_end_records_eval(tmp_path, student_ckpt):
     model, metrics = train_classifier(_cfg(pretrained=student_ckpt), tmp_path, progress=False)
-    assert metrics["steps"] == 4 and 0 <= metrics["top1"] <= 100 and metrics["heads"] == [3, 3, 3, 6]
+    assert metrics["steps"] == 4 and metrics["heads"] == [3, 3, 3, 6]
     assert (tmp_path / "model.pth").exists() and (tmp_path / "eval.json").exists()
+    from tinymim.data import synthetic
+    from tinymim.data.transforms import normalize
+
+    val = synthetic("val", _cfg())  # the same number by hand: argmax over the val split
+    with torch.no_grad():
+        hits = (model.eval()(normalize(val.images)).argmax(1) == val.labels).float().mean().item()
+    assert metrics["top1"] == pytest.approx(100 * hits, abs=1e-4) and metrics["n"] == len(val.labels)
+
+
+def test_finetune_from_an_image_folder(tmp_path):
+    for split, n in (("train", 6), ("val", 3)):
+        for k, wnid in enumerate(["n01", "n02"]):
+            (tmp_path / "data" / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                rgb = np.full((40, 40, 3), 60 + 120 * k, np.uint8)
+                Image.fromarray(rgb).save(tmp_path / "data" / split / wnid / f"{i}.JPEG")
+    cfg = _cfg(data=str(tmp_path / "data"), num_classes=2, batch_size=4, data_limit="null", rand_augment="rand-m9-mstd0.5",
+               reprob=0.25, mixup=0.8, cutmix=1.0, num_workers=1)
+    model, metrics = train_classifier(cfg, tmp_path / "run", progress=False)
+    assert metrics["n"] == 6 and metrics["steps"] == 4 and model.head.out_features == 2
+    assert [r["step"] for r in engine.read_metrics(tmp_path / "run")] == [2, 4]
+
+
+def test_distillation_token_slot_starts_from_the_class_token(student_ckpt, tmp_path):
+    teacher = save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), tmp_path / "t.pth")
+    cfg = _cfg(pretrained=student_ckpt, dist_token=True, extra_fc=64, teacher_classifier=teacher)
+    model = build_classifier(cfg)
+    pe = torch.load(student_ckpt, weights_only=True)["model"]["pos_embed"]
+    assert model.pos_embed.shape[1] == pe.shape[1] + 1
+    assert torch.equal(model.pos_embed[:, 0], pe[:, 0]) and torch.equal(model.pos_embed[:, 1], pe[:, 0])
+    assert torch.equal(model.pos_embed[:, 2:], pe[:, 1:])
+
+
+def test_tinymim_star_checkpoint_serves_as_encoder_and_segmentation_backbone(tmp_path):
+    """A TinyMIM*-T classifier (distillation token, shared extra FC) loads as a teacher
+    (token slot and heads dropped) and as a segmentation backbone (its FC kept)."""
+    from tinymim.checkpoints import load_teacher
+    from tinymim.segmentation import build_segmenter
+
+    torch.manual_seed(0)
+    star = build_model(ModelSpec.create("micro_tiny", num_classes=10, heads=6, extra_fc=64, dist_token=True))
+    path = save_model(star, tmp_path / "star.pth")
+    enc = load_teacher(None, path)
+    assert enc.pos_embed.shape[1] == star.pos_embed.shape[1] - 1 and not hasattr(enc, "head_dist")
+    assert torch.equal(enc.pos_embed[:, 1:], star.pos_embed[:, 2:])
+    seg = build_segmenter(get_config("segmentation", "micro_tiny", "smoke", {"pretrained": str(path)}))
+    assert torch.equal(seg.extra_fc[0].weight, star.head.fc.weight)
+    assert [b.attn.num_heads for b in seg.backbone.blocks] == [6] * 4

@@ -4,19 +4,15 @@ import pickle
 import pytest
 import torch
 
-from tinymim.models import (
-    ARCHS,
+from tinymim.checkpoints import (
     CheckpointError,
-    ModelSpec,
     atomic_save,
     atomic_save_safetensors,
-    build_model,
     load_teacher,
-    model_spec,
-    paper_model_specs,
     save_model,
-    summary_row,
 )
+from tinymim.config import ARCHS, Arch
+from tinymim.models import ModelSpec, build_model, model_spec, paper_model_specs, summary_row
 
 
 def test_published_model_sizes():
@@ -42,11 +38,27 @@ def test_student_last_block_takes_teacher_heads():
         ModelSpec.create("vit_tiny", last_heads=7)
 
 
-def test_mae_init_fixed_sincos_pos_embed():
-    m = build_model(ModelSpec.create("micro_tiny"))
+def test_mae_init_sincos_pos_embed_fixed_only_when_asked():
+    m = build_model(ModelSpec.create("micro_tiny"), fixed_pos_embed=True)  # MAE / the distillation student
     assert not m.pos_embed.requires_grad
     assert torch.all(m.pos_embed[0, 0] == 0)  # class-token slot is zero
     assert m.pos_embed[0, 1:].abs().max() <= 1.0
+    trained = build_model(ModelSpec.create("micro_tiny"))  # fine-tuning, segmentation: trained
+    assert trained.pos_embed.requires_grad and torch.equal(trained.pos_embed, m.pos_embed)
+
+
+def test_a_vit_of_any_size_from_an_arch(tmp_path):
+    shape = Arch(64, 2, 4, patch_size=8, img_size=32)
+    spec = ModelSpec.create(shape, num_classes=7, name="my_vit")
+    model = build_model(spec)
+    assert model.embed_dim == 64 and len(model.blocks) == 2 and model.head.out_features == 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    path = save_model(model, tmp_path / "mine.pth")  # the shape travels in the checkpoint
+    from tinymim.checkpoints import load_classifier
+
+    again = load_classifier(path, num_classes=7)
+    assert model_spec(again).dims == shape and model_spec(again).arch == "my_vit"
+    assert ModelSpec.from_dict(ModelSpec.create("micro_tiny").to_dict()).shape is None  # named archs stay named
 
 
 def mae_state_dict(arch: str, full: bool) -> dict[str, torch.Tensor]:
@@ -179,7 +191,7 @@ def test_timm_source_from_local_file(tmp_path):
 def test_sincos_matches_mae_reference_formula():
     import numpy as np
 
-    from tinymim.models import sincos_pos_embed
+    from tinymim.models import sincos_pos_embed  # noqa: I001
 
     # MAE util/pos_embed.py, written out: meshgrid(w, h), first half from grid[0] (columns)
     dim, g = 16, 3

@@ -7,10 +7,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tinymim import engine
+from tinymim.checkpoints import load_teacher, save_model
 from tinymim.config import get_config
 from tinymim.data import TensorBatches
 from tinymim.distill import Distiller
-from tinymim.models import ModelSpec, build_model, load_teacher, model_spec, save_model
+from tinymim.models import ModelSpec, build_model, model_spec
 from tinymim.pretrain import build_student, pretrain, pretrain_sequential
 
 FAST = {"steps": "6", "warmup_steps": "2", "batch_size": "16", "data_limit": "64", "log_every": "1",

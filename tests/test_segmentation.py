@@ -3,13 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
+from tinymim.checkpoints import save_model
 from tinymim.config import get_config
-from tinymim.models import ModelSpec, build_model, save_model
+from tinymim.evaluation import confusion_matrix
+from tinymim.models import ModelSpec, build_model
 from tinymim.segmentation import (
     ADE20KTrainTransform,
     ViTUperNet,
     build_segmenter,
-    confusion,
     infer_slide,
     infer_whole,
     segmentation_metrics,
@@ -33,7 +34,7 @@ def test_adapter_strides_and_channels(arch, dim):
 def test_miou_from_a_hand_made_confusion_matrix():
     pred = torch.tensor([[0, 0, 1, 1], [1, 1, 3, 3]])
     gt = torch.tensor([[0, 1, 1, 255], [1, 1, 255, 3]])  # 255 ignored; class 2 absent from both
-    conf = confusion(pred, gt, num_classes=4)
+    conf = confusion_matrix(pred, gt, num_classes=4)
     assert conf.tolist() == [[1, 0, 0, 0], [1, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
     m = segmentation_metrics(conf, ["a", "b", "c", "d"])
     # IoU: a = 1/(1+1) = .5, b = 3/(3+1) = .75, c absent -> excluded, d = 1/1
@@ -62,34 +63,64 @@ def test_pretrained_backbone_loads_with_interpolated_pos_embed(tmp_path):
     assert model.backbone.blocks[-1].attn.num_heads == 6
 
 
-def test_ade20k_train_transform_crops_and_pads():
+def test_ade20k_train_transform_pads_a_small_image(monkeypatch):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     mask = torch.randint(0, 5, (60, 80))
-    x, m = ADE20KTrainTransform(crop=64, scale=(80, 60))(img, mask)
+    monkeypatch.setattr("random.random", lambda: 0.9)  # no flip
+    # ratio 0.5 of scale (80, 60): the image becomes 30 x 40, smaller than the 64 crop
+    x, m = ADE20KTrainTransform(crop=64, scale=(80, 60), ratio=(0.5, 0.5))(img, mask)
     assert x.shape == (3, 64, 64) and m.shape == (64, 64)
+    assert (x[:, 30:] == 0).all() and (x[:, :, 40:] == 0).all()  # image padded with zeros
+    assert (m[30:] == 255).all() and (m[:, 40:] == 255).all()  # mask padded with the ignore label
+    assert torch.equal(m[:30, :40], mask[::2, ::2])  # nearest resize of the mask, no crop offset
     assert set(m.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+
+
+def test_ade20k_train_transform_retries_a_crop_that_one_class_dominates(monkeypatch):
+    mask = torch.ones(200, 200, dtype=torch.long)
+    mask[:60, :60] = 2  # only crops near the top-left corner hold two classes in a fair share
+    img = Image.fromarray(np.zeros((200, 200, 3), np.uint8))
+    positions = iter([150, 150, 100, 100, 0, 0])  # randint draws (y, x): two crops of pure class 1, then (0, 0)
+    draws = []
+    monkeypatch.setattr("random.randint", lambda a, b: draws.append((a, b)) or next(positions))
+    monkeypatch.setattr("random.random", lambda: 0.9)
+    _, m = ADE20KTrainTransform(crop=100, scale=(200, 200), ratio=(1.0, 1.0))(img, mask)
+    assert len(draws) == 6  # the first two crops were refused
+    assert torch.equal(m, mask[:100, :100]) and (m == 2).float().mean() == 0.36
 
 
 def test_segmentation_trains_end_to_end_on_synthetic(tmp_path):
     cfg = get_config("segmentation", "micro_tiny", "smoke",
                      {"steps": "3", "warmup_steps": "1", "batch_size": "8", "data_limit": "32", "log_every": "1"})
-    _, metrics = train_segmentation(cfg, tmp_path, progress=False)
-    assert 0 <= metrics["mIoU"] <= 100 and len(metrics["per_class_IoU"]) == 11
-    assert (tmp_path / "model.pth").exists()
+    model, metrics = train_segmentation(cfg, tmp_path, progress=False)
+    assert len(metrics["per_class_IoU"]) == 11 and (tmp_path / "model.pth").exists()
+    # the same number by hand: sliding inference on the val split, IoU per class, nan-mean
+    from tinymim.data import synthetic
+    from tinymim.data.transforms import normalize
+
+    val = synthetic("val", cfg)
+    pred = infer_slide(model.eval(), normalize(val.images), cfg.input_size, cfg.slide_stride).argmax(1)
+    ious = []
+    for c in range(11):
+        inter = ((pred == c) & (val.masks == c)).sum().item()
+        union = ((pred == c) | (val.masks == c)).sum().item()
+        if union:
+            ious.append(inter / union)
+    assert metrics["mIoU"] == pytest.approx(100 * sum(ious) / len(ious), abs=1e-6)
 
 
 def test_layer_decay_reaches_backbone_only():
     from tinymim.engine import build_optimizer
-    from tinymim.segmentation import SegmentationTask
 
     cfg = get_config("segmentation", "micro_tiny", "smoke", {"layer_decay": "0.5"})
     model = build_segmenter(cfg)
-    opt = build_optimizer(SegmentationTask(model, cfg), cfg)
+    opt = build_optimizer(model, cfg, layer_decay=cfg.layer_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scale["decode.classify.weight"] == scale["adapter.up2.weight"] == scale["aux.conv.0.weight"] == 1.0
     assert scale["backbone.blocks.3.mlp.fc1.weight"] == 0.5 and scale["backbone.blocks.0.mlp.fc1.weight"] == 0.5 ** 4
-    assert scale["backbone.patch_embed.proj.weight"] == 0.5 ** 5
+    assert scale["backbone.patch_embed.proj.weight"] == scale["backbone.pos_embed"] == 0.5 ** 5  # pos_embed trains
+    assert scale["backbone.norm.weight"] == 1.0  # BEiT/MAE: outside the blocks, full lr
 
 
 def test_majority_baseline_is_reported():
@@ -99,3 +130,35 @@ def test_majority_baseline_is_reported():
     model = build_segmenter(cfg)
     m = evaluate_segmentation(model, cfg, limit=50)
     assert 0 < m["majority_class_mIoU"] < 100 / cfg.num_classes * 1.5
+
+
+def _write_ade_validation(root):
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "annotations" / "validation").mkdir(parents=True)
+    for n in ("a", "b"):
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(root / "images" / "validation" / f"{n}.jpg")
+        Image.fromarray(np.array([[0, 1, 2, 150] * 2] * 6, np.uint8)).save(root / "annotations" / "validation" / f"{n}.png")
+
+
+class _AlwaysClassOne(torch.nn.Module):
+    """Predicts class 1 everywhere, at a quarter of the input resolution (as UperNet)."""
+
+    backbone = build_model(ModelSpec.create("micro_tiny"))
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), 150, x.shape[2] // 4, x.shape[3] // 4)
+        logits[:, 1] = 1
+        return logits, logits
+
+
+def test_ade20k_whole_image_evaluation_by_hand(tmp_path):
+    from tinymim.segmentation import evaluate_segmentation
+
+    _write_ade_validation(tmp_path)
+    cfg = get_config("segmentation", "micro_tiny", "smoke", {"data": str(tmp_path), "num_classes": "150",
+                                                              "reduce_zero_label": "true"})
+    m = evaluate_segmentation(_AlwaysClassOne(), cfg, mode="whole")
+    # raw 0,1,2,150 -> ignored, 0, 1, 149: per image 12 px each of classes 0, 1 and 149, all predicted 1
+    assert m["per_class_IoU"]["wall"] == 0.0 and m["per_class_IoU"]["flag"] == 0.0
+    assert m["per_class_IoU"]["building"] == pytest.approx(100 / 3)  # 24 / (72 + 24 - 24)
+    assert m["mIoU"] == pytest.approx(100 / 9) and m["aAcc"] == pytest.approx(100 / 3)

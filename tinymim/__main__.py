@@ -1,145 +1,194 @@
-"""Command line: `python -m tinymim config|run|mae ...` (see README.md)."""
+"""Command line: `tinymim <command>` or `python -m tinymim <command>` (see README.md).
+
+One small function per subcommand, listed in COMMANDS with its arguments. Training
+commands run unchanged under `torchrun`. Errors that our code recognises (config,
+checkpoint, data, missing input, divergence) print one `error:` line and exit non-zero.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from types import SimpleNamespace
 
 from .config import PROFILES, STAGES, ConfigError, get_config, parse_overrides
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=PROFILES, default="smoke", help="smoke (CPU minutes) or paper (Tables 1-3)")
+def _profile_and_overrides(p: argparse.ArgumentParser, default_profile: str = "smoke") -> None:
+    p.add_argument("--profile", choices=PROFILES, default=default_profile,
+                   help="smoke (CPU minutes) or paper (Tables 1-3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set lr=1e-3 (repeatable)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tinymim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _training(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    _profile_and_overrides(p)
 
-    p = sub.add_parser("config", help="print the resolved config of a stage as JSON")
+
+def _config(args: argparse.Namespace, stage: str):
+    return get_config(stage, getattr(args, "model", None), args.profile, parse_overrides(args.overrides))
+
+
+# ---------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    print(json.dumps(_config(args, args.stage).to_dict(), indent=2))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .runner import NOTEBOOKS_DIR, run
+
+    params = {}
+    for k, v in parse_overrides(args.params).items():
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    result = run(args.profile, args.out, args.only.split(",") if args.only else None,
+                 notebooks_dir=args.notebooks or NOTEBOOKS_DIR, parameters=params)
+    print(f"run directory: {result.run_dir}")
+
+
+def cmd_mae(args: argparse.Namespace) -> None:
+    from .engine import setup_distributed
+    from .mae import pretrain_mae
+
+    print(f"teacher: {pretrain_mae(_config(args, 'mae'), args.out, device=setup_distributed())}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from . import pipeline
+    from .engine import setup_distributed
+    from .pretrain import pretrain, pretrain_sequential
+
+    cfg = _config(args, "pretrain")
+    cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path))
+    device = setup_distributed()
+    if args.chain:
+        paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
+    else:
+        paths = [pretrain(cfg, args.out, device=device)]
+    print("students: " + ", ".join(map(str, paths)))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .engine import setup_distributed
+    from .finetune import train_classifier
+
+    _, metrics = train_classifier(_config(args, "finetune"), args.out, device=setup_distributed())
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .checkpoints import load_classifier
+    from .finetune import evaluate
+
+    model = load_classifier(args.checkpoint, args.num_classes)
+    where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers, data_seed=0)
+    print(json.dumps(evaluate(model, where), indent=2))
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from .engine import setup_distributed
+    from .segmentation import train_segmentation
+
+    _, metrics = train_segmentation(_config(args, "segmentation"), args.out, device=setup_distributed())
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
+
+
+def cmd_robustness(args: argparse.Namespace) -> None:
+    from .checkpoints import load_classifier
+    from .robustness import evaluate_robustness
+
+    cfg = get_config("robustness", profile=args.profile, overrides=parse_overrides(args.overrides))
+    model = load_classifier(args.checkpoint, num_classes=None)
+    print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c), indent=2))
+
+
+def _args_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("--model", default=None, help="e.g. vit_tiny, vit_small, vit_base, micro_tiny")
-    _add_common(p)
+    _profile_and_overrides(p)
 
-    p = sub.add_parser("run", help="execute the notebooks in order into a run directory")
+
+def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, default="smoke")
     p.add_argument("--out", default=None, help="run directory (default: reports/<profile>)")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
+    p.add_argument("--notebooks", default=None, help="folder of NN_*.ipynb notebooks (default: the kit's own)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="extra papermill parameter (JSON value or string), repeatable")
 
-    p = sub.add_parser("mae", help="MAE pre-training of a teacher encoder (torchrun-ready)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", required=True, help="run directory; teacher.pth is written there")
-    _add_common(p)
 
-    p = sub.add_parser("pretrain", help="TinyMIM distillation pre-training (torchrun-ready)")
-    p.add_argument("--model", default=None, help="the student, e.g. vit_small (paper) or micro_tiny (smoke)")
-    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+def _args_pretrain(p: argparse.ArgumentParser) -> None:
+    _training(p, "the student, e.g. vit_small (paper) or micro_tiny (smoke)")
     p.add_argument("--chain", default=None,
                    help="sequential distillation: comma-separated students, each the next one's teacher, "
                         "e.g. vit_small,vit_tiny")
-    _add_common(p)
 
-    p = sub.add_parser("finetune", help="ImageNet fine-tuning / TinyMIM*-T distillation fine-tuning (torchrun-ready)")
-    p.add_argument("--model", default=None, help="e.g. vit_tiny, vit_small, vit_base, tinymim_star_tiny")
-    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
-    _add_common(p)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 of a fine-tuned checkpoint")
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a tinymim classifier checkpoint, or timm:<model name>=<weights file>")
     p.add_argument("--data", required=True, help="'synthetic' or an ImageNet root (uses <data>/val)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--workers", type=int, default=8)
 
-    p = sub.add_parser("segment", help="ADE20K UperNet fine-tuning + mIoU (torchrun-ready)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
-    _add_common(p)
 
-    p = sub.add_parser("robustness", help="ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier")
+def _args_robustness(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a tinymim classifier checkpoint, or timm:<model name>=<weights file>")
     p.add_argument("--imagenet-a", default=None, help="folder of the 200 ImageNet-A wnids")
     p.add_argument("--imagenet-r", default=None, help="folder of the 200 ImageNet-R wnids")
     p.add_argument("--imagenet-c", default=None, help="ImageNet-C root: <corruption>/<severity>/<wnid>/")
-    p.add_argument("--profile", choices=PROFILES, default="paper")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _profile_and_overrides(p, default_profile="paper")
 
+
+# name -> (help, arguments, action)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
+    "config": ("print the resolved config of a stage as JSON", _args_config, cmd_config),
+    "run": ("execute the notebooks in order into a run directory", _args_run, cmd_run),
+    "mae": ("MAE pre-training of a teacher encoder (torchrun-ready)",
+            lambda p: _training(p, "the encoder, e.g. vit_base (paper) or micro_base (smoke)"), cmd_mae),
+    "pretrain": ("TinyMIM distillation pre-training (torchrun-ready)", _args_pretrain, cmd_pretrain),
+    "finetune": ("ImageNet fine-tuning / TinyMIM*-T distillation fine-tuning (torchrun-ready)",
+                 lambda p: _training(p, "e.g. vit_tiny, vit_small, vit_base, tinymim_star_tiny"), cmd_finetune),
+    "evaluate": ("top-1/top-5 of a fine-tuned checkpoint", _args_evaluate, cmd_evaluate),
+    "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
+                lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
+    "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
+}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .engine import TrainingDiverged
+    from .pipeline import MissingInput
+    from .runner import NotebookFailed
+
+    return CheckpointError, DataError, MissingInput, NotebookFailed, TrainingDiverged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinymim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     try:
-        if args.command == "config":
-            cfg = get_config(args.stage, args.model, args.profile, parse_overrides(args.overrides))
-            print(json.dumps(cfg.to_dict(), indent=2))
-        elif args.command == "run":
-            from .runner import NotebookFailed, run
-
-            params = {}
-            for k, v in parse_overrides(args.params).items():
-                try:
-                    params[k] = json.loads(v)
-                except json.JSONDecodeError:
-                    params[k] = v
-            try:
-                result = run(args.profile, args.out, args.only.split(",") if args.only else None, parameters=params)
-            except NotebookFailed as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            print(f"run directory: {result.run_dir}")
-        elif args.command == "mae":
-            from .engine import setup_distributed
-            from .mae import pretrain_mae
-
-            cfg = get_config("mae", args.model, args.profile, parse_overrides(args.overrides))
-            print(f"teacher: {pretrain_mae(cfg, args.out, device=setup_distributed())}")
-        elif args.command == "pretrain":
-            from .engine import setup_distributed
-            from .pretrain import pretrain, pretrain_sequential
-
-            cfg = get_config("pretrain", args.model, args.profile, parse_overrides(args.overrides))
-            device = setup_distributed()
-            if args.chain:
-                paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
-            else:
-                paths = [pretrain(cfg, args.out, device=device)]
-            print("students: " + ", ".join(map(str, paths)))
-        elif args.command == "finetune":
-            from .engine import setup_distributed
-            from .finetune import train_classifier
-
-            cfg = get_config("finetune", args.model, args.profile, parse_overrides(args.overrides))
-            _, metrics = train_classifier(cfg, args.out, device=setup_distributed())
-            print(json.dumps(metrics, indent=2))
-        elif args.command == "evaluate":
-            from types import SimpleNamespace
-
-            from .finetune import evaluate
-            from .models import load_classifier
-
-            model = load_classifier(args.checkpoint, args.num_classes)
-            where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers)
-            print(json.dumps(evaluate(model, where), indent=2))
-        elif args.command == "segment":
-            from .engine import setup_distributed
-            from .segmentation import train_segmentation
-
-            cfg = get_config("segmentation", args.model, args.profile, parse_overrides(args.overrides))
-            _, metrics = train_segmentation(cfg, args.out, device=setup_distributed())
-            print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
-        elif args.command == "robustness":
-            from .models import load_classifier
-            from .robustness import evaluate_robustness
-
-            cfg = get_config("robustness", profile=args.profile, overrides=parse_overrides(args.overrides))
-            model = load_classifier(args.checkpoint, num_classes=None)
-            print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c),
-                             indent=2))
+        COMMANDS[args.command][2](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _known_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
+
+import numpy as np
 
 PROFILES = ("smoke", "paper")
 # (is the MAE stage, profile) -> default model: students distil, teachers are MAE-trained
@@ -29,14 +33,72 @@ class ConfigError(ValueError):
     """A config key, value or combination that cannot be used."""
 
 
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a plain ViT (supplementary Table 1 for T/S/B). Give one directly to
+    `models.ModelSpec.create` to build a ViT of any size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    img_size: int = 224
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+ARCHS: dict[str, Arch] = {
+    # paper sizes (ViT-L: the MAE teacher of ViT-B)
+    "vit_tiny": Arch(192, 12, 3),
+    "vit_small": Arch(384, 12, 6),
+    "vit_base": Arch(768, 12, 12),
+    "vit_large": Arch(1024, 24, 16),
+    # TinyMIM*-T's backbone: ViT-T with 12 heads instead of 3 (same weights' shapes)
+    "tinymim_star_tiny": Arch(192, 12, 12),
+    # smoke sizes: 32 px images, patch 8 (a 4x4 grid: measured to learn several times
+    # faster per CPU-minute than patch 4), the paper's T < S < B ordering; widths divisible by the teacher's 6 heads
+    "micro_tiny": Arch(96, 4, 3, patch_size=8, img_size=32),
+    "micro_small": Arch(144, 4, 4, patch_size=8, img_size=32),
+    "micro_base": Arch(192, 6, 6, patch_size=8, img_size=32),
+}
+
+# the models each stage has a published recipe for (paper profile); smoke takes any ARCHS name
+PAPER_MODELS = {
+    "mae": ("vit_base", "vit_large"),
+    "pretrain": ("vit_tiny", "vit_small", "vit_base"),
+    "finetune": ("vit_tiny", "vit_small", "vit_base", "tinymim_star_tiny"),
+    "segmentation": ("vit_tiny", "vit_small", "vit_base", "tinymim_star_tiny"),
+    "robustness": tuple(ARCHS),
+}
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where derived artefacts are cached (synthetic data, smoke teachers, corruptions):
+    $TINYMIM_CACHE, default ~/.cache/tinymim."""
+    root = Path(os.environ.get("TINYMIM_CACHE", Path.home() / ".cache" / "tinymim"))
+    return root.joinpath(*parts)
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """An independent 63-bit seed for one use of the config's `seed` (an epoch's order, a
+    rank, an image of a corruption set): NumPy's SeedSequence, so streams never collide
+    the way `seed * K + epoch` can."""
+    ints = [int.from_bytes(k.encode(), "little") if isinstance(k, str) else int(k) for k in keys]
+    return int(np.random.SeedSequence([int(seed), *ints]).generate_state(1, np.uint64)[0]) >> 1
+
+
 @dataclass
 class BaseConfig:
     """Fields every training or evaluation stage shares (the engine reads these)."""
 
     profile: str = "smoke"
     model: str = "micro_tiny"
-    seed: int = 0
+    seed: int = 0  # training randomness: init, data order, augmentation
     data: str = "synthetic"  # "synthetic" or a dataset root folder
+    data_seed: int = 0  # the synthetic dataset itself: fixed while `seed` varies the training
     data_limit: int | None = None  # use only the first N training images (quick trials)
     input_size: int = 32
     batch_size: int = 256  # effective batch (per step, all devices, after accumulation)
@@ -144,6 +206,8 @@ class FinetuneConfig(BaseConfig):
                               "(a fine-tuned tinymim checkpoint, or timm:<model name>=<weights file>)")
         if self.global_pool not in ("avg", "token"):
             raise ConfigError(f"global_pool: expected avg|token, got {self.global_pool!r}")
+        if self.dist_token:
+            self.global_pool = "token"  # DeiT pools the class and distillation tokens: record what runs
 
 
 @dataclass
@@ -202,7 +266,7 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
     if stage == "finetune":  # Table 2
         per_model = {"vit_tiny": (5e-3, 200, 2048), "vit_small": (5e-3, 200, 2048), "vit_base": (2e-3, 100, 1024),
                      "tinymim_star_tiny": (5e-3, 1000, 2048)}
-        lr, epochs, batch = per_model.get(model, per_model["vit_base"])
+        lr, epochs, batch = per_model[model]
         star = dict(extra_fc=1280, dist_token=True) if model == "tinymim_star_tiny" else {}
         return common | star | dict(lr=lr, epochs=epochs, batch_size=batch, warmup_epochs=5, layer_decay=0.65,
                              betas=(0.9, 0.95), schedule="cosine", min_lr=1e-6, drop_path=0.1, label_smoothing=0.1,
@@ -220,7 +284,7 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
 def _smoke(stage: str, model: str) -> dict[str, Any]:
     common = dict(input_size=32, num_workers=0, log_every=20, ckpt_every=200, weight_decay=0.05)
     if stage == "mae":
-        return common | dict(batch_size=256, lr=1.5e-3, min_lr=1e-5, steps=800, amp="bf16",
+        return common | dict(batch_size=256, lr=1.5e-3, min_lr=1e-5, steps=800, amp="auto",
                              warmup_steps=100, betas=(0.9, 0.95), drop_path=0.0, decoder_dim=96,
                              decoder_depth=2, decoder_heads=3, crop_scale=(0.35, 1.0))
     if stage == "pretrain":
@@ -335,6 +399,9 @@ def get_config(
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} for stage {stage!r}; valid keys: {sorted(types_)}")
     model = model or DEFAULT_MODELS[(stage == "mae", profile)]
+    known = PAPER_MODELS[stage] if profile == "paper" else tuple(ARCHS)
+    if model not in known:
+        raise ConfigError(f"model: {model!r} has no {profile} recipe for stage {stage!r}; expected one of {list(known)}")
     preset = (_paper if profile == "paper" else _smoke)(stage, model)
     values = {"profile": profile, "model": model} | preset | overrides
     if "lr" in overrides:  # an explicit lr wins over the batch-scaled base lr
@@ -348,18 +415,9 @@ def get_config(
     return cfg
 
 
-def from_dict(d: dict[str, Any]) -> BaseConfig:
-    """Rebuild a config saved with `to_dict` (e.g. from a checkpoint or run directory)."""
-    d = dict(d)
-    stage = d.pop("stage")
-    types_ = _field_types(STAGES[stage])
-    cfg = STAGES[stage](**{k: _coerce(k, v, types_[k]) for k, v in d.items() if k in types_})
-    cfg.finalize()
-    return cfg
-
 
 __all__ = [
     "BaseConfig", "MAEConfig", "PretrainConfig", "FinetuneConfig", "SegmentationConfig",
-    "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "get_config", "from_dict",
+    "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "ARCHS", "Arch", "get_config", "cache_dir", "derive_seed",
     "parse_overrides",
 ]

@@ -1,8 +1,7 @@
-"""Per-head attention internals of a timm ViT block: the inputs of TinyMIM's targets.
+"""TinyMIM's distillation targets and losses: the Q-K / V-V relation KL of the paper,
+plus the feature and class-token targets and student-input masking of its ablations.
 
-TinyMIM's relation targets are computed on `norm1(x)` of one block, per head, class
-token included. The capture is written once, here, and serves the distillation loss,
-the attention widgets and the benchmark alike.
+The q/k/v capture these targets are computed from lives in `attention.py`.
 """
 
 from __future__ import annotations
@@ -13,48 +12,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
-def tokens_before(model: VisionTransformer, images: torch.Tensor, block: int) -> torch.Tensor:
-    """The token sequence entering `block` (1-indexed); later blocks are never run."""
-    if not 1 <= block <= len(model.blocks):
-        raise ValueError(f"block {block} is out of range: the model has blocks 1..{len(model.blocks)}")
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.norm_pre(model.patch_drop(x))
-    for blk in model.blocks[: block - 1]:
-        x = blk(x)
-    return x
-
-
-def block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v of `block`'s attention on norm1(x), each B x heads x N x head_dim."""
-    attn = block.attn
-    b, n, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_h)) -- the attention map (and TinyMIM's Q-K relation)."""
-    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-
-
-@torch.no_grad()
-def attention_maps(model: VisionTransformer, images: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """Attention probabilities of `block` (default: last), B x heads x N x N."""
-    block = block or len(model.blocks)
-    x = tokens_before(model, images, block)
-    q, k, _ = block_qkv(model.blocks[block - 1], x)
-    return attention_probs(q, k)
-
+from .attention import block_qkv, relation_logits, tokens_before
 
 # ---------------------------------------------------------------------------------
 # TinyMIM targets and losses
-
-
-def relation_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a bᵀ / sqrt(d_h): the logits of a Q-K (a=q, b=k) or V-V (a=b=v) relation."""
-    return a @ b.transpose(-2, -1) * a.shape[-1] ** -0.5
 
 
 def kl_from_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -123,6 +84,8 @@ class Distiller(nn.Module):
             for m in (student.blocks[-1].attn.proj, student.blocks[-1].ls1, student.blocks[-1].norm2,
                       student.blocks[-1].mlp, student.blocks[-1].ls2, student.norm):
                 m.requires_grad_(False)
+
+    frozen_modules = ("teacher",)  # the engine neither optimises nor checkpoints it
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -194,10 +157,3 @@ def _gather_square(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     t = t.gather(2, idx)
     idx = keep[:, None, None, :].expand(b, h, t.shape[2], -1)
     return t.gather(3, idx)
-
-
-@torch.no_grad()
-def relation_maps(model: VisionTransformer, images: torch.Tensor, block: int) -> dict[str, torch.Tensor]:
-    """Q-K and V-V relation probabilities of `block` (1-indexed), B x heads x N x N."""
-    q, k, v = block_qkv(model.blocks[block - 1], tokens_before(model, images, block))
-    return {"qk": relation_logits(q, k).softmax(-1), "vv": relation_logits(v, v).softmax(-1)}

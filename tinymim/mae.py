@@ -1,4 +1,5 @@
-"""MAE pre-training (He et al., 2022): how the smoke profile makes its teacher.
+"""MAE pre-training (He et al., 2022): how the smoke profile makes its teacher (the
+pipeline layer decides when; this stage only trains one from a config).
 
 The encoder is a timm ViT from `models.build_model`; this module adds MAE's random
 masking, its light decoder and the per-patch normalised pixel loss. The state-dict
@@ -8,10 +9,7 @@ MAE made here loads through exactly the code path of an official `_full` checkpo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,10 +17,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import engine
-from .config import MAEConfig, get_config
+from .checkpoints import atomic_save, save_model
+from .config import MAEConfig
 from .data import pool_batches
 from .data.transforms import normalize, random_resized_crop_flip
-from .models import ModelSpec, atomic_save, build_model, save_model, sincos_pos_embed
+from .models import ModelSpec, build_model, sincos_pos_embed
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -131,7 +130,7 @@ def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = Tr
     run_dir = Path(run_dir)
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
-    encoder = build_model(spec, drop_path=cfg.drop_path)
+    encoder = build_model(spec, drop_path=cfg.drop_path, fixed_pos_embed=True)
     task = MAE(encoder, cfg)
     rank, world_size = engine.world()
     engine.train(task, pool_batches(cfg, rank, world_size), cfg, run_dir, device=device, progress=progress)
@@ -140,41 +139,3 @@ def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = Tr
         save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
         atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
     return out
-
-
-def smoke_teacher(run_dir: str | os.PathLike | None = None, overrides: dict | None = None,
-                  progress: bool = True) -> Path:
-    """The smoke profile's MAE micro teacher: trained once, cached, copied into `run_dir`.
-
-    The cache key is the resolved config, so changing any MAE setting makes a new one.
-    """
-    cfg = get_config("mae", profile="smoke", overrides=overrides)
-    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("TINYMIM_CACHE", Path.home() / ".cache" / "tinymim")) / "teachers" / key
-    teacher = cache / "teacher.pth"
-    if not teacher.exists():
-        pretrain_mae(cfg, cache, progress=progress)
-    if run_dir is None:
-        return teacher
-    dest = Path(run_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher.pth", "mae_full.pth", "metrics.jsonl"):
-        shutil.copy2(cache / name, dest / name)
-    return dest / "teacher.pth"
-
-
-
-def obtain_teacher(profile: str, run_dir: str | os.PathLike, name: str | None = None,
-                   path: str | os.PathLike | None = None, overrides: dict | None = None,
-                   progress: bool = True) -> Path:
-    """The teacher checkpoint of a run: the given `path`, or in `smoke` without one, the
-    cached MAE micro teacher copied into `run_dir`. Fails early if it cannot load."""
-    from .models import load_teacher
-
-    if path is None:
-        if profile != "smoke":
-            raise ValueError("profile 'paper' needs teacher_path: an official MAE checkpoint "
-                             "(e.g. mae_pretrain_vit_base.pth) or a tinymim checkpoint")
-        return smoke_teacher(run_dir, overrides, progress=progress)
-    load_teacher(name, path)  # validate now, before any expensive work downstream
-    return Path(path)

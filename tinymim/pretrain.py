@@ -1,5 +1,8 @@
 """TinyMIM distillation pre-training: one stage, or a chain (sequential distillation).
 
+The teacher is given (`cfg.teacher_path`); making one when there is none is the
+pipeline layer's business, not this stage's.
+
 A run directory gets `checkpoint.pth` (training state, for resume), `metrics.jsonl`,
 and at the end `student.pth` + `student.safetensors`: the student encoder with its head
 layout recorded, so it loads back through `load_teacher` as the next teacher.
@@ -15,54 +18,19 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .config import PretrainConfig, get_config
+from .checkpoints import load_teacher, save_model
+from .config import PretrainConfig
 from .data import two_view_batches
 from .data.transforms import TwoViews
 from .distill import Distiller, check_pairing, default_teacher_block
-from .models import ModelSpec, atomic_save_safetensors, build_model, load_teacher, model_spec, save_model
+from .models import ModelSpec, build_model, model_spec
 
 
 def build_student(cfg: PretrainConfig, teacher_heads: int):
     """The student of METHOD.md: MAE init, its own heads except the last block, which
     takes the teacher's head count (head alignment)."""
     spec = ModelSpec.create(cfg.model, heads=cfg.student_heads, last_heads=teacher_heads, img_size=cfg.input_size)
-    return build_model(spec, drop_path=cfg.drop_path)
-
-
-def default_teacher_path(run_dir: str | os.PathLike, teacher_path: str | None = None) -> str | None:
-    """A notebook's teacher: the one given, else notebook 01's in the same run directory,
-    else None (the smoke profile then uses its cached MAE teacher)."""
-    if teacher_path:
-        return str(teacher_path)
-    made = Path(run_dir) / "01_models" / "teacher.pth"
-    return str(made) if made.exists() else None
-
-
-def obtain_student(run_dir: str | os.PathLike, profile: str, path: str | None = None,
-                   progress: bool = True) -> Path:
-    """A notebook's distilled student: the one given, else notebook 02's in the run
-    directory, else -- in smoke -- distilled now with the default smoke config."""
-    if path:
-        return Path(path)
-    made = Path(run_dir) / "02_distill_pretrain" / "student.pth"
-    if made.exists():
-        return made
-    if profile != "smoke":
-        raise ValueError(f"no distilled student: pass `pretrained` or run notebook 02 into {run_dir} first")
-    return pretrain(get_config("pretrain", profile="smoke",
-                               overrides={"teacher_path": default_teacher_path(run_dir)}),
-                    made.parent, progress=progress)
-
-
-def resolve_teacher_path(cfg: PretrainConfig, progress: bool = True) -> Path:
-    if cfg.teacher_path:
-        return Path(cfg.teacher_path)
-    if cfg.profile != "smoke":
-        raise ValueError("teacher_path is required in the paper profile: an official MAE checkpoint "
-                         "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B)")
-    from .mae import smoke_teacher
-
-    return smoke_teacher(progress=progress)
+    return build_model(spec, drop_path=cfg.drop_path, fixed_pos_embed=True)
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
@@ -73,7 +41,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     counts) is checked before the first step.
     """
     run_dir = Path(run_dir)
-    teacher_path = resolve_teacher_path(cfg, progress)
+    if not cfg.teacher_path:
+        raise ValueError("teacher_path: the teacher checkpoint to distil from is required "
+                         "(an official MAE checkpoint, or a tinymim one)")
+    teacher_path = Path(cfg.teacher_path)
     teacher = load_teacher(None, teacher_path, img_size=cfg.input_size)
     arch = model_spec(teacher).arch
     if arch != cfg.teacher:
@@ -97,9 +68,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     out = run_dir / "student.pth"
     if result["done"] and rank == 0:
         save_model(student, out, extra={"config": cfg.to_dict(), "teacher": str(teacher_path),
-                                        "teacher_block": block})
-        atomic_save_safetensors(student.state_dict(), run_dir / "student.safetensors",
-                                metadata={"tinymim_spec": json.dumps(student.tinymim_spec.to_dict())})
+                                        "teacher_block": block}, safetensors=True)
     return out
 
 

@@ -13,7 +13,7 @@ Missing corruptions or severities are errors naming them -- a mean over fewer is
 never reported.
 
 Corrupted copies of any image set are made with `imagecorruptions` (the 15 standard
-functions + 4 extra), deterministically under a seed, and cached on disk.
+functions), deterministically under a seed, and cached on disk.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DataError, ImageNetFolder, resource_lines
+from .config import cache_dir, derive_seed
+from .data import DataError, ImageNetFolder, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .evaluation import argmax, predict
 
 ALEXNET = json.loads(resources.files("tinymim.resources").joinpath("imagenet_c_alexnet_err.json").read_text())
 CORRUPTIONS = tuple(ALEXNET["corruptions_15"])
-EXTRA_CORRUPTIONS = tuple(ALEXNET["extra_4"])
 SEVERITIES = (1, 2, 3, 4, 5)
 # torchvision's AlexNet (IMAGENET1K_V1) acc@1 56.522 -> clean error, for relative mCE
 ALEXNET_CLEAN_ERR = 1 - 0.56522
@@ -77,17 +78,9 @@ def _loader(ds, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, num_workers=workers)
 
 
-@torch.no_grad()
 def _top1_error(model: nn.Module, loader, device) -> float:
-    model.eval().to(device)
-    wrong = total = 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(1).cpu()
-        wrong += int((pred != y).sum())
-        total += len(y)
-    if total == 0:
-        raise DataError("no images to evaluate")
-    return wrong / total
+    pred, labels = predict(model, loader, device, reduce=argmax)
+    return float((pred != labels).float().mean())
 
 
 def eval_transform(input_size: int, resize: int | None):
@@ -138,9 +131,11 @@ def imagenet_c_folders(root: str | os.PathLike, corruptions: Sequence[str] = COR
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Make imagecorruptions deterministic: it draws from NumPy's global RNG and from
-    scikit-image's `random_noise` (impulse noise), which makes its own generator."""
+    scikit-image's `random_noise` (impulse noise), which makes its own generator. Both
+    are put back as they were on exit, so the caller's random streams are untouched."""
     import skimage.util
 
+    state = np.random.get_state()
     np.random.seed(seed % 2**32)
     original = skimage.util.random_noise
 
@@ -152,6 +147,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         skimage.util.random_noise = original
+        np.random.set_state(state)
 
 
 def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
@@ -161,7 +157,7 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
 
     out = np.empty_like(images)
     for i, img in enumerate(images):
-        sample_seed = seed * 1_000_003 + i
+        sample_seed = derive_seed(seed, i) % 2**32
         with _seeded(sample_seed):
             if corruption == "glass_blur":  # seeds itself from an unseeded generator unless given one
                 res = functions.glass_blur(img, severity, seed=sample_seed)
@@ -174,9 +170,9 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
 def corrupted_copy(images: np.ndarray, corruption: str, severity: int, seed: int = 0,
                    cache: str | os.PathLike | None = None) -> np.ndarray:
     """`corrupt_images`, cached on disk under a key of the images' bytes and the arguments."""
-    cache = Path(cache or os.environ.get("TINYMIM_CACHE", Path.home() / ".cache" / "tinymim")) / "corruptions"
+    cache = (Path(cache) if cache else cache_dir()) / "corruptions"
     key = hashlib.sha1(images.tobytes()).hexdigest()[:16]
-    path = cache / f"{key}-{corruption}-{severity}-s{seed}.npy"
+    path = cache / f"{key}-{corruption}-{severity}-s{seed}-v2.npy"  # v2: per-image seeds from derive_seed
     if path.exists():
         return np.load(path)
     out = corrupt_images(images, corruption, severity, seed)
@@ -209,7 +205,7 @@ def write_corrupted_folder(src: str | os.PathLike, dst: str | os.PathLike, corru
         img = np.asarray(prep(ds.loader(path)))[None]
         for (c, s), out in todo.items():
             out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(corrupt_images(img, c, s, seed * 1_000_003 + i)[0]).save(out)
+            Image.fromarray(corrupt_images(img, c, s, derive_seed(seed, "folder", i))[0]).save(out)
     return dst
 
 
@@ -218,10 +214,8 @@ def errors_on_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Top-1 errors (fractions) of `model` on an in-memory uint8 N x 3 x H x W set: clean
     and every corruption x severity (generated and cached)."""
-    from .finetune import predict
-
     def err(x: torch.Tensor) -> float:
-        return float((predict(model, x, device=device).argmax(1) != labels).float().mean())
+        return float((predict(model, x, device, reduce=argmax)[0] != labels).float().mean())
 
     hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     table = {c: {s: err(torch.from_numpy(corrupted_copy(hwc, c, s, seed)).permute(0, 3, 1, 2))
@@ -301,8 +295,6 @@ def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = Non
     val images (CE relative to `baseline_errors`, e.g. the scratch model's, when given)."""
     out: dict[str, Any] = {}
     if cfg.data == "synthetic":
-        from .data import synthetic
-
         val = synthetic("val", cfg, size=cfg.num_images)
         res = errors_on_tensors(model, val.images, val.labels, cfg.corruptions, cfg.severities, cfg.seed, device)
         out["synthetic_c"] = {**res, **corruption_metrics(res["errors"], res["clean"], baseline_errors,

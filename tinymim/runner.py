@@ -17,25 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .pipeline import REPO_ROOT, resolve_run_dir
+
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook and the cell."""
-
-
-def default_run_dir(profile: str) -> Path:
-    """$TINYMIM_RUN_DIR if set, else reports/<profile> in the repository."""
-    env = os.environ.get("TINYMIM_RUN_DIR")
-    return Path(env) if env else REPO_ROOT / "reports" / profile
-
-
-def resolve_run_dir(run_dir: str | os.PathLike | None, profile: str) -> Path:
-    """What a notebook's `run_dir` parameter means; None = the default for the profile."""
-    path = Path(run_dir) if run_dir else default_run_dir(profile)
-    path.mkdir(parents=True, exist_ok=True)
-    return path.resolve()
 
 
 def list_notebooks(notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR, only: Sequence[str] | None = None) -> list[Path]:

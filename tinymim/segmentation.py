@@ -28,20 +28,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import engine
+from .checkpoints import CLASSIFIER_KEYS, atomic_save, load_encoder, open_checkpoint
 from .config import SegmentationConfig
-from .data import ADE20K, LoaderBatches, TensorBatches, resource_lines, synthetic
+from .data import ADE20K, IGNORE_INDEX, LoaderBatches, TensorBatches, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .models import (
-    ModelSpec,
-    adapt_pos_embed,
-    atomic_save,
-    build_model,
-    clean_state_dict,
-    load_weights,
-    read_checkpoint,
-)
-
-IGNORE_INDEX = 255
+from .evaluation import confusion_matrix
+from .models import ModelSpec, build_model
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -126,10 +118,10 @@ class ViTUperNet(nn.Module):
         self.aux = FCNHead(dim, aux_channels, num_classes)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer ids for timm's layer-wise lr decay: embeddings, blocks (the final norm joins
-        the last one, timm's (99999,)), then everything unmatched -- the adapter and heads."""
-        return {"stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed|reg_token)",
-                "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))]}
+        """Layer ids for layer-wise lr decay as BEiT/MAE's segmentation: the embeddings,
+        then one per block; everything else -- the adapter, heads, TinyMIM*-T's FC -- is
+        unmatched and keeps the full lr."""
+        return {"stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed)", "blocks": r"^backbone\.blocks\.(\d+)"}
 
     def no_weight_decay(self) -> set[str]:
         return {"backbone.pos_embed", "backbone.cls_token"}
@@ -156,32 +148,20 @@ class ViTUperNet(nn.Module):
 def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
     """The segmentation model; with `cfg.pretrained`, the encoder weights (position
     embeddings interpolated to the input grid; only the classifier parts may be absent)."""
-    heads, extra = None, None
-    sd: dict[str, torch.Tensor] = {}
-    if cfg.pretrained:
-        ckpt = read_checkpoint(cfg.pretrained)
-        sd = clean_state_dict(ckpt.get("model", ckpt))
-        spec_d = ckpt.get("spec") or {}
-        heads = tuple(spec_d["heads"]) if "heads" in spec_d else None
-        if spec_d.get("extra_fc"):
-            extra = spec_d["extra_fc"]
+    ckpt = open_checkpoint(cfg.pretrained) if cfg.pretrained else None
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
-    if heads is not None:
-        spec = replace(spec, heads=heads)
+    extra = 0
+    if ckpt is not None and ckpt.spec is not None:
+        spec = replace(spec, heads=ckpt.spec.heads)
+        extra = ckpt.spec.extra_fc
     backbone = build_model(spec, drop_path=cfg.drop_path, dynamic_img_size=True)
     extra_fc = nn.Sequential(nn.Linear(backbone.embed_dim, extra), nn.Hardswish()) if extra else None
-    if sd:
+    if ckpt is not None:
+        load_encoder(backbone, ckpt, allow_unexpected=CLASSIFIER_KEYS)
         if extra_fc is not None:
-            extra_fc[0].load_state_dict({"weight": sd["head.fc.weight"], "bias": sd["head.fc.bias"]})
-        sd = {k: v for k, v in sd.items() if k != "dist_token"}
-        if "dist_token" in (ckpt.get("model") or {}):  # drop the distillation slot of the position embedding
-            sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], 1)
-        sd = adapt_pos_embed(sd, backbone)
-        has_norm = any(k.startswith("norm.") for k in sd)
-        load_weights(backbone, sd, str(cfg.pretrained), allow_missing=() if has_norm else ("norm.",),
-                     allow_unexpected=("head.", "head_dist.", "fc_norm."))
-    return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, extra_fc,
-                      extra or 0)
+            extra_fc[0].load_state_dict({"weight": ckpt.state_dict["head.fc.weight"],
+                                         "bias": ckpt.state_dict["head.fc.bias"]})
+    return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, extra_fc, extra)
 
 
 class SegmentationTask(nn.Module):
@@ -253,7 +233,7 @@ class ADE20KTrainTransform:
             labels, counts = crop[crop != IGNORE_INDEX].unique(return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
-        image = image.crop((x, y, x + self.crop, y + self.crop))
+        image = image.crop((x, y, min(x + self.crop, w), min(y + self.crop, h)))  # padded after normalising, as mmseg
         mask = crop
         if random.random() < 0.5:
             image, mask = TF.hflip(image), mask.flip(-1)
@@ -309,13 +289,6 @@ def infer_slide(model: ViTUperNet, image: torch.Tensor, window: int, stride: int
     return total / count
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """num_classes x num_classes counts (rows = ground truth), ignoring label 255."""
-    keep = target != IGNORE_INDEX
-    idx = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
 def segmentation_metrics(conf: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU (%) from an accumulated confusion matrix.
 
@@ -366,7 +339,7 @@ def evaluate_segmentation(model: ViTUperNet, cfg: SegmentationConfig, mode: str 
         logits = infer_slide(model, x, cfg.input_size, cfg.slide_stride) if mode == "slide" else infer_whole(model, x)
         if len(item) == 3:  # back to the annotation's size
             logits = F.interpolate(logits, size=item[2], mode="bilinear", align_corners=False)
-        conf += confusion(logits.argmax(1).cpu(), mask, cfg.num_classes)
+        conf += confusion_matrix(logits.argmax(1).cpu(), mask, cfg.num_classes)
     metrics = segmentation_metrics(conf, names[: cfg.num_classes])
     # the reference a segmenter must beat: the most frequent class predicted everywhere
     majority = torch.zeros_like(conf)
@@ -385,7 +358,7 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
     if world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine.train(SegmentationTask(model, cfg), segmentation_batches(cfg, rank, world_size), cfg, run_dir,
-                 device=device, progress=progress)
+                 device=device, progress=progress, optimize=model, layer_decay=cfg.layer_decay)
     metrics = evaluate_segmentation(model, cfg, device=device)
     if rank == 0:
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, run_dir / "model.pth")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from .attention import attention_maps, relation_maps
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .distill import attention_maps, relation_maps
 
 
 def _to_rgb(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import Dataset, Subset
 
 from .batches import LoaderBatches, TensorBatches
-from .folders import ADE20K, DataError, ImageNetFolder, open_rgb, reduce_zero_label, resource_lines
+from .folders import ADE20K, IGNORE_INDEX, DataError, ImageNetFolder, open_rgb, reduce_zero_label, resource_lines
 from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
 
 # sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
@@ -23,9 +23,9 @@ SMOKE_SPLITS = {"pool": 20000, "train": 5000, "val": 2000}
 
 
 def synthetic(split: str, cfg: Any | None = None, size: int | None = None) -> SyntheticShapes:
-    """A split of the synthetic data at the config's input size and seed."""
-    image_size = getattr(cfg, "input_size", 32)
-    return SyntheticShapes(SyntheticSpec(image_size=image_size), split, size or SMOKE_SPLITS[split])
+    """A split of the synthetic data at the config's input size and `data_seed`."""
+    return SyntheticShapes(SyntheticSpec(image_size=getattr(cfg, "input_size", 32)), split,
+                           size or SMOKE_SPLITS[split], seed=getattr(cfg, "data_seed", 0))
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -82,7 +82,7 @@ def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
 
 
 __all__ = [
-    "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
+    "IGNORE_INDEX", "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
     "SyntheticSpec", "TensorBatches", "limit", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines",
     "split_dir", "synthetic", "two_view_batches",
 ]

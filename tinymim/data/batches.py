@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import derive_seed
+
 
 class TensorBatches:
     """Shuffled mini-batches sliced from in-memory tensors (the synthetic data).
@@ -36,7 +38,7 @@ class TensorBatches:
         return len(self.tensors[0]) // self.batch_size
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
         order = torch.randperm(len(self.tensors[0]), generator=g)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
@@ -54,7 +56,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start_sample
 
     def __iter__(self) -> Iterator[int]:
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch)))
                  if self.shuffle else torch.arange(self.n))
         usable = self.n - self.n % self.world
         return iter(order[:usable][self.rank::self.world][self.start:].tolist())
@@ -88,6 +90,6 @@ class LoaderBatches:
 
     def epoch(self, epoch: int, start: int = 0):
         self.sampler.set_position(epoch, start * self.per_rank)
-        g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + self.rank)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "workers", epoch, self.rank))
         yield from DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), generator=g)

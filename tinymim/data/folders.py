@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+# the label of pixels that no loss or metric counts (ADE20K's "other" after reduce_zero_label)
+IGNORE_INDEX = 255
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".JPEG")
 
 
@@ -71,8 +73,6 @@ class ADE20K(Dataset):
     through `transform(image, mask)` when given, else as tensors (3xHxW uint8, HxW int64).
     """
 
-    IGNORE_INDEX = 255
-
     def __init__(self, root: str | os.PathLike, split: str = "training", reduce_zero_label: bool = True,
                  transform: Callable | None = None):
         root = Path(root)
@@ -118,7 +118,7 @@ class ADE20K(Dataset):
 def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
     """mmseg's convention: 0 -> 255 (ignored), k -> k - 1 for k in 1..150, 255 stays 255."""
     mask = mask.clone()
-    mask[mask == 0] = 255
+    mask[mask == 0] = IGNORE_INDEX
     mask = mask - 1
-    mask[mask == 254] = 255
+    mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
     return mask

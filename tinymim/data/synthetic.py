@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ..config import cache_dir
 
 SHAPES = (
     "disk", "square", "triangle", "plus", "ring",
@@ -157,13 +158,9 @@ def render(spec: SyntheticSpec, seed: int, split: str, index: int) -> tuple[np.n
     return (img * 255 + 0.5).astype(np.uint8), mask, label
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TINYMIM_CACHE", Path.home() / ".cache" / "tinymim"))
-
-
 def generate(spec: SyntheticSpec, seed: int, split: str, size: int, cache: bool = True) -> dict[str, np.ndarray]:
     """All samples of a split as arrays, cached on disk (rendering is the slow part)."""
-    path = _cache_dir() / "synthetic" / f"{spec.key()}-s{seed}-{split}-{size}.npz"
+    path = cache_dir("synthetic") / f"{spec.key()}-s{seed}-{split}-{size}.npz"
     if cache and path.exists():
         with np.load(path) as f:
             return {k: f[k] for k in ("images", "masks", "labels")}

@@ -1,0 +1,112 @@
+"""Every subcommand, end to end at a tiny size: its exit status and what it writes."""
+
+import json
+
+import nbformat
+import pytest
+import torch
+
+from tinymim.__main__ import COMMANDS, main
+from tinymim.checkpoints import load_teacher, save_model
+from tinymim.models import ModelSpec, build_model
+
+TINY = ["--set", "steps=2", "--set", "warmup_steps=1", "--set", "batch_size=8", "--set", "data_limit=16",
+        "--set", "log_every=1", "--set", "amp=none"]
+
+
+def _json(out: str):
+    return json.loads(out[out.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir):
+    torch.manual_seed(0)
+    return save_model(build_model(ModelSpec.create("micro_base")), workdir / "teacher.pth")
+
+
+@pytest.fixture(scope="module")
+def classifier(workdir):
+    torch.manual_seed(0)
+    return save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), workdir / "cls.pth")
+
+
+def test_every_command_is_tested():
+    tested = {name.removeprefix("test_").split("_")[0] for name in globals() if name.startswith("test_")}
+    assert set(COMMANDS) <= tested
+
+
+def test_config(capsys):
+    assert main(["config", "finetune", "--model", "vit_base", "--profile", "paper", "--set", "lr=1e-3"]) == 0
+    cfg = _json(capsys.readouterr().out)
+    assert cfg["lr"] == 1e-3 and cfg["model"] == "vit_base" and cfg["stage"] == "finetune"
+    assert main(["config", "finetune", "--set", "nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["config", "finetune", "--model", "vit_huge"]) == 2
+    assert "vit_huge" in capsys.readouterr().err
+
+
+def test_run(tmp_path, capsys):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "smoke"\nrun_dir = None\nvalue = 1')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "from tinymim.reports import record_metrics\nrecord_metrics(run_dir, 'one', {'value': value})")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "01_one.ipynb")
+    assert main(["run", "--notebooks", str(tmp_path / "nbs"), "--out", str(tmp_path / "r"), "--param", "value=7"]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["one"]["value"] == 7
+    assert "run directory" in capsys.readouterr().out
+
+
+def test_mae(tmp_path, capsys):
+    args = ["mae", "--model", "micro_tiny", "--out", str(tmp_path), *TINY, "--set", "decoder_dim=32",
+            "--set", "decoder_depth=1", "--set", "decoder_heads=2"]
+    assert main(args) == 0
+    assert "teacher:" in capsys.readouterr().out
+    assert len(load_teacher(None, tmp_path / "teacher.pth").blocks) == 4
+
+
+def test_pretrain(tmp_path, teacher, capsys):
+    assert main(["pretrain", "--out", str(tmp_path), *TINY, "--set", f"teacher_path={teacher}"]) == 0
+    assert str(tmp_path / "student.pth") in capsys.readouterr().out
+    assert load_teacher(None, tmp_path / "student.pth").blocks[-1].attn.num_heads == 6
+
+
+def test_finetune(tmp_path, capsys):
+    assert main(["finetune", "--out", str(tmp_path), *TINY]) == 0
+    metrics = _json(capsys.readouterr().out)
+    assert metrics["steps"] == 2 and metrics == json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_evaluate(classifier, capsys):
+    assert main(["evaluate", str(classifier), "--data", "synthetic", "--input-size", "32", "--num-classes", "10"]) == 0
+    res = _json(capsys.readouterr().out)
+    assert res["n"] == 2000 and set(res) == {"top1", "top5", "n"}
+
+
+def test_segment(tmp_path, capsys):
+    assert main(["segment", "--out", str(tmp_path), *TINY]) == 0
+    metrics = _json(capsys.readouterr().out)
+    assert metrics["mIoU"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["mIoU"])
+
+
+def test_robustness(classifier, capsys):
+    args = ["robustness", str(classifier), "--profile", "smoke", "--set", "corruptions=gaussian_noise,fog",
+            "--set", "severities=1,2", "--set", "num_images=20"]
+    assert main(args) == 0
+    res = _json(capsys.readouterr().out)["synthetic_c"]
+    assert set(res["errors"]) == {"gaussian_noise", "fog"}
+    assert res["mean_error"] == pytest.approx(100 * sum(res["errors"][c][s] for c in res["errors"]
+                                                        for s in res["errors"][c]) / 4)
+
+
+def test_errors_print_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.pth"), "--data", "synthetic"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.pth" in err and "Traceback" not in err

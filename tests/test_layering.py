@@ -1,0 +1,78 @@
+"""The structure of DESIGN.md, enforced: a ground floor every stage shares, stages side
+by side (none imports another), the pipeline layer above them, entrances on top."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tinymim"
+GROUND = {"config", "data", "models", "checkpoints", "attention", "evaluation", "engine", "reports"}
+STAGES = {"mae": "mae", "distill": "pretrain", "pretrain": "pretrain", "finetune": "finetune",
+          "segmentation": "segmentation", "robustness": "robustness", "viz": "viz"}  # module -> stage
+LAYER = {**{m: 0 for m in GROUND}, **{m: 1 for m in STAGES}, "pipeline": 2, "runner": 3, "__main__": 4}
+
+
+def _imports(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Top-level tinymim modules that `path` imports (relative or absolute, anywhere in it)."""
+    depth = len(path.relative_to(package).parts) - 1  # 0 for tinymim/x.py, 1 for tinymim/data/x.py
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level - 1 < depth:  # inside the same sub-package
+                    continue
+                parts = (node.module or "").split(".")
+                if node.module:
+                    out.add(parts[0])
+                else:
+                    out.update(alias.name for alias in node.names)
+            elif node.module and node.module.split(".")[0] == "tinymim":
+                parts = node.module.split(".")
+                out.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tinymim."))
+    return out - {"resources"}
+
+
+def _graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        name = path.relative_to(package).parts[0].removesuffix(".py")
+        if name in ("__init__", "resources"):
+            continue
+        graph.setdefault(name, set()).update(_imports(path, package) - {name})
+    return graph
+
+
+def _violations(graph: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for module, imports in graph.items():
+        for dep in imports:
+            if LAYER[dep] > LAYER[module]:
+                problems.append(f"{module} (layer {LAYER[module]}) imports {dep} (layer {LAYER[dep]})")
+            elif LAYER[dep] == LAYER[module] == 1 and STAGES[dep] != STAGES[module]:
+                problems.append(f"stage module {module} imports stage module {dep}")
+    return problems
+
+
+def test_every_module_has_a_layer():
+    assert set(_graph()) == set(LAYER), "add new modules to the layer map of this test (and DESIGN/README)"
+
+
+def test_imports_only_point_down_and_stages_stand_side_by_side():
+    problems = _violations(_graph())
+    assert not problems, "\n".join(problems)
+
+
+def test_config_is_the_bottom():
+    assert _graph()["config"] == set()
+
+
+def test_the_checker_sees_violations(tmp_path):
+    pkg = tmp_path / "tinymim"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "robustness.py").write_text("def f():\n    from .finetune import predict\n")
+    (pkg / "engine.py").write_text("from tinymim import pipeline\n")
+    (pkg / "data" / "x.py").write_text("from ..models import build_model\nfrom .folders import y\n")
+    graph = _graph(pkg)
+    assert graph == {"robustness": {"finetune"}, "engine": {"pipeline"}, "data": {"models"}}
+    assert len(_violations(graph)) == 2  # a stage importing a stage; the ground floor importing the pipeline

@@ -1,0 +1,118 @@
+"""Evaluation shared by every stage: batched inference, top-k, confusion matrices,
+frozen features and linear probes.
+
+One inference loop serves fine-tuning, robustness, segmentation and the notebooks: it
+takes in-memory images (uint8 are normalised here) or any iterable of (images, labels)
+batches, runs on the given device, and can reduce each batch on the device (argmax) so
+that 3.75 M ImageNet-C images never hold their logits in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+from .data.transforms import normalize
+
+
+def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return normalize(x) if x.dtype == torch.uint8 else x
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: torch.Tensor | Iterable[Sequence[torch.Tensor]],
+    device: str | torch.device = "cpu",
+    batch_size: int = 500,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(outputs, labels) of `model` in eval mode over `data`.
+
+    `data`: N x 3 x H x W images (uint8 or normalised float), or an iterable of
+    (images, labels) batches such as a DataLoader. Outputs are float logits on the CPU,
+    or `reduce(logits)` per batch (e.g. `argmax`); labels are None for a tensor input.
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    if isinstance(data, torch.Tensor):
+        batches: Iterable = ((data[i:i + batch_size], None) for i in range(0, len(data), batch_size))
+    else:
+        batches = data
+    outs, labels = [], []
+    for x, y in batches:
+        out = model(_prepare(x, device)).float()
+        outs.append((reduce(out) if reduce else out).cpu())
+        if y is not None:
+            labels.append(torch.as_tensor(y))
+    if not outs:
+        raise ValueError("no images to evaluate")
+    return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=1)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent for each k (k larger than the class count is skipped)."""
+    out = {}
+    for k in ks:
+        if k <= logits.shape[1]:
+            hit = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1)
+            out[f"top{k}"] = 100.0 * hit.float().mean().item()
+    return out
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """num_classes x num_classes counts, rows = true class, columns = predicted class.
+
+    `pred` and `target` are class indices of any (equal) shape -- labels of images or of
+    pixels; targets equal to `ignore_index` are left out.
+    """
+    keep = target != ignore_index
+    idx = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Average-pooled patch tokens after the final norm: the linear-probe representation."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = _prepare(images[i:i + batch_size], torch.device("cpu"))
+        tokens = model.forward_features(x)
+        out.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).float())
+    return torch.cat(out)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 weight_decay: float = 1e-4, max_iter: int = 300, seed: int = 0) -> dict[str, float]:
+    """Multinomial logistic regression on frozen features (standardised with the train
+    statistics, as MAE's BatchNorm-without-affine probe), fit by L-BFGS; val top-1/5."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    tx, vx = (train_x - mean) / std, (val_x - mean) / std
+    num_classes = int(train_y.max()) + 1
+    head = nn.Linear(tx.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(tx), train_y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return topk_accuracy(head(vx), val_y)
