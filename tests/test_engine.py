@@ -123,3 +123,73 @@ def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(ValueError, match="another config.*lr"):
         engine.train(_mae_task(), _batches(), _cfg(steps=3, lr=5e-3), tmp_path, progress=False)
     engine.train(_mae_task(), _batches(), _cfg(steps=3, log_every=2), tmp_path, progress=False)  # harmless change
+
+
+class _GradBlowsUp(nn.Module):
+    """A finite loss whose gradient becomes inf from the 5th call: sqrt at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.0))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        loss = (self.w * x.float().mean() / 255) ** 2
+        if self.calls > 4:
+            loss = loss + torch.sqrt(self.w - self.w.detach())  # value 0, gradient inf
+        return loss, {}
+
+
+def test_nan_guard_watches_gradients_and_keeps_a_finite_checkpoint(tmp_path):
+    cfg = _cfg(steps=8, ckpt_every=2, log_every=2, lr=0.5)
+    with pytest.raises(engine.TrainingDiverged) as e:
+        engine.train(_GradBlowsUp(), _batches(), cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert state["step"] == 4 and torch.isfinite(state["task"]["w"]).all()
+    msg = str(e.value)
+    assert "--set lr=0.25" in msg and f"--out {tmp_path / 'run'}-lr0.25" in msg  # a command that works
+
+
+def _full_and_interrupted(tmp_path, cfg):
+    engine.train(_mae_task(), _batches(), cfg, tmp_path / "full", progress=False)
+    engine.train(_mae_task(), _batches(), cfg, tmp_path / "part", progress=False, stop_after=4)
+    return tmp_path / "full", tmp_path / "part"
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    full, part = _full_and_interrupted(tmp_path, _cfg())
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed mid-line
+    with pytest.warns(UserWarning, match="torn last line"):
+        engine.train(_mae_task(), _batches(), _cfg(), part, progress=False)
+    assert _losses(full) == _losses(part)
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    full, part = _full_and_interrupted(tmp_path, _cfg(ckpt_every=2))
+    assert torch.load(part / "checkpoint-prev.pth", weights_only=True)["step"] == 2
+    data = (part / "checkpoint.pth").read_bytes()
+    (part / "checkpoint.pth").write_bytes(data[: len(data) // 3])  # a torn copy
+    (part / ".checkpoint.pth.abc123.tmp").write_bytes(b"x" * 100)  # an orphan of a killed write
+    with pytest.warns(UserWarning, match=r"checkpoint\.pth.*previous checkpoint.*checkpoint-prev\.pth"):
+        engine.train(_mae_task(), _batches(), _cfg(ckpt_every=2), part, progress=False)
+    assert _losses(full) == _losses(part)  # resumed from step 2, same result
+    assert not list(part.glob(".*.tmp"))
+    assert (part / "checkpoint.pth").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_both_checkpoints_unreadable_is_an_error_naming_them(tmp_path):
+    _, part = _full_and_interrupted(tmp_path, _cfg(ckpt_every=2))
+    for name in ("checkpoint.pth", "checkpoint-prev.pth"):
+        (part / name).write_bytes(b"garbage")
+    with pytest.raises(Exception, match="checkpoint.pth.*checkpoint-prev.pth"):
+        engine.train(_mae_task(), _batches(), _cfg(ckpt_every=2), part, progress=False)
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -62,3 +62,13 @@ def test_metrics_refuse_non_data(tmp_path):
     with pytest.raises(TypeError, match="not JSON data"):
         record_metrics(tmp_path, "b", {"x": object()})
     assert load_metrics(tmp_path)["a"]["x"] == 1.5
+
+
+def test_a_torn_runner_state_reruns_instead_of_failing(notebooks, tmp_path):
+    out = tmp_path / "run"
+    run("smoke", out, notebooks_dir=notebooks, log=lambda *_: None)
+    (out / "runner.json").write_text('{"01_first": {"status": "compl')  # killed mid-write (older versions)
+    with pytest.warns(UserWarning, match="runner.json"):
+        again = run("smoke", out, notebooks_dir=notebooks, log=lambda *_: None)
+    assert again.executed == ["01_first", "02_second"]
+    assert json.loads((out / "runner.json").read_text())["02_second"]["status"] == "completed"

@@ -23,6 +23,19 @@ def _profile_and_overrides(p: argparse.ArgumentParser, default_profile: str = "s
                    help="override a config value, e.g. --set lr=1e-3 (repeatable)")
 
 
+def _check_out(out: str) -> None:
+    """A run directory we can write, checked before any work and without creating it."""
+    import os
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a directory")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot create or write it ({parent} is not writable)")
+
+
 def _training(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
@@ -59,6 +72,7 @@ def cmd_mae(args: argparse.Namespace) -> None:
     from .engine import setup_distributed
     from .mae import pretrain_mae
 
+    _check_out(args.out)
     print(f"teacher: {pretrain_mae(_config(args, 'mae'), args.out, device=setup_distributed())}")
 
 
@@ -68,6 +82,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain, pretrain_sequential
 
     cfg = _config(args, "pretrain")
+    _check_out(args.out)
     cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path))
     device = setup_distributed()
     if args.chain:
@@ -81,24 +96,29 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .engine import setup_distributed
     from .finetune import train_classifier
 
-    _, metrics = train_classifier(_config(args, "finetune"), args.out, device=setup_distributed())
+    cfg = _config(args, "finetune")
+    _check_out(args.out)
+    _, metrics = train_classifier(cfg, args.out, device=setup_distributed())
     print(json.dumps(metrics, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .checkpoints import load_classifier
+    from .checkpoints import load_classifier, open_checkpoint
     from .finetune import evaluate
 
     model = load_classifier(args.checkpoint, args.num_classes)
+    classes = None if args.checkpoint.startswith("timm:") else open_checkpoint(args.checkpoint).meta.get("classes")
     where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers, data_seed=0)
-    print(json.dumps(evaluate(model, where), indent=2))
+    print(json.dumps(evaluate(model, where, classes=classes), indent=2))
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from .engine import setup_distributed
     from .segmentation import train_segmentation
 
-    _, metrics = train_segmentation(_config(args, "segmentation"), args.out, device=setup_distributed())
+    cfg = _config(args, "segmentation")
+    _check_out(args.out)
+    _, metrics = train_segmentation(cfg, args.out, device=setup_distributed())
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
 
 
@@ -109,6 +129,22 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     cfg = get_config("robustness", profile=args.profile, overrides=parse_overrides(args.overrides))
     model = load_classifier(args.checkpoint, num_classes=None)
     print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c), indent=2))
+
+
+def cmd_check_data(args: argparse.Namespace) -> None:
+    from .data import DataError, check_images
+
+    n, bad = check_images(args.root, args.workers)
+    for line in bad:
+        print(line)
+    print(f"{n} images checked, {len(bad)} unreadable")
+    if bad:
+        raise DataError(f"{args.root}: {len(bad)} of {n} images cannot be read (listed above)")
+
+
+def _args_check_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="a folder of images (searched recursively), e.g. /data/imagenet")
+    p.add_argument("--workers", type=int, default=8, help="parallel readers")
 
 
 def _args_config(p: argparse.ArgumentParser) -> None:
@@ -162,6 +198,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
                 lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
+    "check-data": ("open every image under a folder and list the unreadable ones", _args_check_data, cmd_check_data),
 }
 
 
@@ -172,23 +209,60 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .pipeline import MissingInput
     from .runner import NotebookFailed
 
-    return CheckpointError, DataError, MissingInput, NotebookFailed, TrainingDiverged
+    # ValueError: what our checks raise on combinations (teacher vs config, pairings, plans)
+    return CheckpointError, DataError, MissingInput, NotebookFailed, TrainingDiverged, ValueError
+
+
+def _message(e: BaseException) -> str:
+    """One line naming the input and, where we know it, what to do."""
+    import errno
+
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("out of memory on the device; lower the per-device micro-batch (e.g. --set micro_batch_size=32): "
+                "gradient accumulation keeps the effective batch_size, and the run resumes from its checkpoint")
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full while writing {e.filename or 'a file'}; free space and run the same command again (it resumes)"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write {e.filename or 'the output'}; choose another --out"
+    if isinstance(e, OSError) and e.errno == errno.ENOENT:
+        return f"{e.filename}: not found"
+    text = str(e)
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the original error's own line
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    import torch
+
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("TINYMIM_DEBUG") == "1",
+                        help="show the full traceback of an error (also TINYMIM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         COMMANDS[args.command][2](args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
-    except _known_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (*_known_errors(), OSError, torch.OutOfMemoryError) as e:
+        if args.debug:
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

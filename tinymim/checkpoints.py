@@ -43,19 +43,32 @@ class CheckpointError(RuntimeError):
 # writes
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+TMP_SUFFIX = ".tmp"  # our temp files are ".<name>.<random>.tmp" beside their target
 
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Any, previous: str | os.PathLike | None = None) -> Path:
+    """Write `path` through `write(file)` into a temp file in the same folder, fsync, then
+    rename it over `path`: a crash mid-write leaves the previous file intact, never a
+    truncated one. With `previous`, the old `path` is first renamed there, so a run
+    always has a complete last-but-one copy. Files get the usual mode (0644 under the
+    default umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,20 +76,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> Path:
+    """torch.save through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f), previous)
+
+
+def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove our own orphan temp files (a killed write leaves them; at paper scale each
+    can be a GB). Returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None,

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_save
+from .checkpoints import CheckpointError, atomic_save, atomic_write, sweep_temp_files
 from .config import BaseConfig, derive_seed
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss, gradients or weights became NaN/inf; the last finite checkpoint is kept."""
 
 
 class Batches(Protocol):
@@ -196,8 +197,9 @@ def _start(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, de
     run = Run(task, model, optimizer, build_scheduler(optimizer, cfg, plan),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), plan, cfg, device, dtype,
               run_dir / "checkpoint.pth")
-    if run.ckpt_path.exists():
-        state = torch.load(run.ckpt_path, map_location="cpu", weights_only=True)
+    sweep_temp_files(run_dir)
+    state = _load_training_state(run_dir)
+    if state is not None:
         _check_same_run(state.get("config", {}), cfg.to_dict(), run.ckpt_path)
         task.load_state_dict(state["task"], strict=not _frozen_keys(task))
         optimizer.load_state_dict(state["optimizer"])
@@ -207,6 +209,28 @@ def _start(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, de
     else:
         seed_everything(derive_seed(cfg.seed, "train", rank))
     return run
+
+
+def _load_training_state(run_dir: Path) -> dict[str, Any] | None:
+    """checkpoint.pth, or -- when it is unreadable (a torn copy, a full disk) --
+    checkpoint-prev.pth, saying so; None for a new run."""
+    latest, previous = run_dir / "checkpoint.pth", run_dir / "checkpoint-prev.pth"
+    errors = []
+    for path in (latest, previous):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises zip/unpickling errors of several types
+            errors.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]} -- resuming from the previous checkpoint {path} instead", stacklevel=3)
+        return state
+    if errors:
+        raise CheckpointError(f"{run_dir}: no readable training checkpoint ({'; '.join(errors)}); "
+                              f"use a new run directory, or delete these files to start over")
+    return None
 
 
 def _save(run: Run) -> None:
@@ -220,7 +244,8 @@ def _save(run: Run) -> None:
     if rank == 0:
         atomic_save({"task": _trainable_state(run.task), "optimizer": run.optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
-                     "config": run.cfg.to_dict(), "plan": run.plan.__dict__}, run.ckpt_path)
+                     "config": run.cfg.to_dict(), "plan": run.plan.__dict__}, run.ckpt_path,
+                    previous=run.ckpt_path.with_name("checkpoint-prev.pth"))
 
 
 def train_step(run: Run, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,9 +265,15 @@ def train_step(run: Run, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tenso
         run.scaler.scale(loss / len(chunks)).backward()
         for k, v in {"loss": loss, **parts}.items():
             parts_sum[k] = parts_sum.get(k, 0) + v.detach().float() / len(chunks)
+    run.scaler.unscale_(run.optimizer)  # a no-op without fp16; the norm is of the true gradients
+    params = [p for p in run.task.parameters() if p.grad is not None]
     if run.cfg.clip_grad:
-        run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.task.parameters(), run.cfg.clip_grad)
+        grad_norm = nn.utils.clip_grad_norm_(params, run.cfg.clip_grad)
+    else:
+        grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if run.scaler.is_enabled():  # fp16: an inf norm is a skipped step, not a divergence
+        grad_norm = torch.where(torch.isfinite(grad_norm), grad_norm, torch.zeros_like(grad_norm))
+    parts_sum["grad_norm"] = grad_norm.detach().float()
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -268,17 +299,24 @@ class _Logger:
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for k, v in parts.items():
             self.sums[k] = self.sums.get(k, 0) + v
-        self.bad |= ~torch.isfinite(parts["loss"])
+        self.bad |= ~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))
         self.steps += 1
         self.bar.update(1)
 
-    def check_finite(self, ckpt_path: Path) -> None:
-        """One host sync per log/checkpoint, never per step."""
-        step = self.run.step
-        if bool(self.bad):
+    def check_finite(self, run_dir: Path) -> None:
+        """Before every log and checkpoint (one host sync, never per step): loss and gradient
+        norm finite since the last check, and the weights finite now -- so a checkpoint is
+        only ever written of a finite state."""
+        run, step = self.run, self.run.step
+        weights_ok = all(bool(torch.isfinite(p).all()) for p in run.task.parameters() if p.requires_grad)
+        if bool(self.bad) or not weights_ok:
+            lower = run.cfg.lr / 2
             raise TrainingDiverged(
-                f"loss became NaN/inf between steps {step - self.steps + 1} and {step}; "
-                f"the last good checkpoint ({ckpt_path}) is kept. Lower lr or check the data.")
+                f"{run_dir}: training diverged (NaN/inf loss, gradients or weights) between steps "
+                f"{step - self.steps + 1} and {step}; its last checkpoint (written before, of finite weights) "
+                f"is kept. Start again with a lower lr in a new run directory, e.g. --set lr={lower:.3g} "
+                f"--out {run_dir}-lr{lower:.3g} (notebooks: overrides={{'lr': {lower:.3g}}}), or add "
+                f"--set clip_grad=1.0; check the data if it happens at the same step again.")
 
     def write(self) -> None:
         run = self.run
@@ -348,7 +386,7 @@ def train(
             is_log = run.step % cfg.log_every == 0 or run.step == end
             is_ckpt = run.step % cfg.ckpt_every == 0 or run.step == end
             if is_log or is_ckpt:
-                log.check_finite(run.ckpt_path)
+                log.check_finite(run_dir)
             if is_log:
                 log.write()
             if is_ckpt:
@@ -391,25 +429,44 @@ def _mean_across_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON lines, tolerant of a torn last line (a kill mid-write): it is dropped with a
+    warning. A bad line elsewhere is corruption and an error naming the file and line."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped a torn last line ({e})", stacklevel=3)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from None
+    return out
+
+
 def _open_log(run_dir: Path, step: int):
-    """Open metrics.jsonl for appending, dropping lines logged after the resumed step."""
+    """Open metrics.jsonl for appending, after atomically dropping the lines logged past
+    the resumed step (and a torn last line)."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     return open(path, "a")
 
 
 def _last_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    return records[-1] if records else {}
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All logged steps of a run, for plots."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _tensorboard(run_dir: Path):

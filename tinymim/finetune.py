@@ -27,7 +27,17 @@ from torch.utils.data import DataLoader
 from . import engine
 from .checkpoints import CLASSIFIER_KEYS, CheckpointError, load_classifier, load_encoder, open_checkpoint, save_model
 from .config import FinetuneConfig
-from .data import ImageNetFolder, LoaderBatches, TensorBatches, limit, split_dir, synthetic
+from .data import (
+    DataError,
+    ImageNetFolder,
+    LoaderBatches,
+    TensorBatches,
+    folder_classes,
+    limit,
+    resource_lines,
+    split_dir,
+    synthetic,
+)
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
 from .evaluation import predict, topk_accuracy
 from .models import ModelSpec, build_model, model_spec
@@ -121,12 +131,30 @@ def eval_transform(input_size: int):
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int = 1):
+def label_space(cfg: FinetuneConfig) -> list[str] | None:
+    """The classes a classifier trained on folders predicts, label i = classes[i]: the
+    1000 ImageNet-1K wnids for a 1000-way model on wnid folders, else the train folders
+    sorted. Checked against `num_classes` before any training; None for synthetic data."""
+    if cfg.data == "synthetic":
+        return None
+    train = split_dir(cfg.data, "train")
+    found = folder_classes(train)
+    wnids = resource_lines("imagenet_1k_wnids.txt")
+    space = wnids if cfg.num_classes == 1000 and set(found) <= set(wnids) else found
+    if len(space) > cfg.num_classes:
+        raise DataError(f"{train}: {len(space)} class folders, but num_classes={cfg.num_classes}; "
+                        f"set num_classes={len(space)} (--set num_classes={len(space)})")
+    return space
+
+
+def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int = 1,
+                           classes: list[str] | None = None):
     if cfg.data == "synthetic":
         train = synthetic("train", cfg, size=cfg.data_limit)
         return TensorBatches(train.images, train.labels, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
                              world_size=world_size)
-    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=train_transform(cfg)), cfg.data_limit)
+    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=train_transform(cfg), classes=classes),
+               cfg.data_limit)
     return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                          world_size=world_size)
 
@@ -138,34 +166,43 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
     Writes model.pth (with its head layout), metrics.jsonl and eval.json to `run_dir`.
     """
     run_dir = Path(run_dir)
+    classes = label_space(cfg)  # inputs are checked before any training: classes, val split, teacher
+    if cfg.data != "synthetic":
+        val = split_dir(cfg.data, "val")
+        unknown = sorted(set(folder_classes(val)) - set(classes or []))
+        if unknown:
+            raise DataError(f"{val}: class folder(s) {unknown[:5]} are not among the {len(classes or [])} classes "
+                            f"of {split_dir(cfg.data, 'train')}")
     teacher = None
     if cfg.dist_token:
-        teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)  # fails before any training
+        teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
     model = build_classifier(cfg)
     rank, world_size = engine.world()
+    batches = classification_batches(cfg, rank, world_size, classes)
     start = time.perf_counter()
-    result = engine.train(Classifier(model, cfg, teacher), classification_batches(cfg, rank, world_size), cfg,
-                          run_dir, device=device, progress=progress, optimize=model, layer_decay=cfg.layer_decay)
+    result = engine.train(Classifier(model, cfg, teacher), batches, cfg, run_dir, device=device, progress=progress,
+                          optimize=model, layer_decay=cfg.layer_decay)
     if cfg.dist_token:
         model.set_distilled_training(False)
     metrics = {"train_seconds": round(time.perf_counter() - start, 1), "steps": result.get("step"),
-               "heads": list(model_spec(model).heads), **evaluate(model, cfg, device=device)}
+               "heads": list(model_spec(model).heads), **evaluate(model, cfg, device=device, classes=classes)}
     if rank == 0:
-        save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict()})
+        save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict(), "classes": classes})
         (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return model, metrics
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device = "cpu",
-             batch_size: int = 250) -> dict[str, float]:
+             batch_size: int = 250, classes: list[str] | None = None) -> dict[str, float]:
     """Top-1/top-5 (%) on the config's data: the synthetic split, or `<data>/<split>`
-    ImageNet-style folders read with `eval_transform`."""
+    class folders read with `eval_transform`, labelled by the model's `classes` (the
+    list recorded at training; None: the ImageNet-1K order for wnid folders)."""
     if cfg.data == "synthetic":
         ds = synthetic(split, cfg)
         logits, labels = predict(model, ds.images, device=device, batch_size=batch_size)[0], ds.labels
     else:
-        ds = ImageNetFolder(split_dir(cfg.data, split), transform=eval_transform(cfg.input_size))
+        ds = ImageNetFolder(split_dir(cfg.data, split), transform=eval_transform(cfg.input_size), classes=classes)
         logits, labels = predict(model, DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers), device)
     return {**topk_accuracy(logits, labels), "n": len(labels)}

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .checkpoints import atomic_write
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,11 +37,8 @@ def record_metrics(run_dir: str | os.PathLike, section: str, metrics: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     data = load_metrics(run_dir)
     data[section] = {**_jsonable(metrics), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -12,11 +12,13 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import atomic_write
 from .pipeline import REPO_ROOT, resolve_run_dir
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -54,6 +56,23 @@ def _params_key(params: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """runner.json; a torn or garbled one (a kill mid-write of an older version) only
+    costs re-running the notebooks, which resume from their own checkpoints."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        warnings.warn(f"{path}: unreadable ({e}); every notebook is run again (each resumes its own work)",
+                      stacklevel=3)
+        return {}
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(state, indent=2).encode()))
+
+
 def run(
     profile: str = "smoke",
     out: str | os.PathLike | None = None,
@@ -69,7 +88,7 @@ def run(
 
     run_dir = resolve_run_dir(out, profile)
     state_path = run_dir / "runner.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = _read_state(state_path)
     params = {"profile": profile, "run_dir": str(run_dir), **(parameters or {})}
     key = _params_key(params)
     result = RunResult(run_dir)
@@ -87,14 +106,14 @@ def run(
                                 kernel_name=kernel_name, progress_bar=False, cwd=str(nb.parent))
         except PapermillExecutionError as e:
             state[nb.stem] = {"status": "failed", "params": key, "cell": e.cell_index, "error": e.ename}
-            state_path.write_text(json.dumps(state, indent=2))
+            _write_state(state_path, state)
             raise NotebookFailed(
                 f"{nb.name} failed in cell {e.cell_index} (execution count {e.exec_count}): {e.ename}: {e.evalue}. "
                 f"Executed copy: {run_dir / 'notebooks' / nb.name}") from None
         seconds = time.perf_counter() - start
         state[nb.stem] = {"status": "completed", "params": key, "seconds": round(seconds, 1),
                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        state_path.write_text(json.dumps(state, indent=2))
+        _write_state(state_path, state)
         result.executed.append(nb.stem)
         result.seconds[nb.stem] = seconds
         log(f"[done] {nb.name} in {seconds:.0f} s")

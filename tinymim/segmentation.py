@@ -30,7 +30,7 @@ from torch import nn
 from . import engine
 from .checkpoints import CLASSIFIER_KEYS, atomic_save, load_encoder, open_checkpoint
 from .config import SegmentationConfig
-from .data import ADE20K, IGNORE_INDEX, LoaderBatches, TensorBatches, resource_lines, synthetic
+from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, TensorBatches, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .evaluation import confusion_matrix
 from .models import ModelSpec, build_model
@@ -352,6 +352,10 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
                        device: str | torch.device = "cpu") -> tuple[ViTUperNet, dict[str, Any]]:
     """UperNet fine-tuning per `cfg`, then evaluation; writes model.pth and eval.json."""
     run_dir = Path(run_dir)
+    if cfg.data != "synthetic":  # the validation split is checked before training, not after
+        ADE20K(cfg.data, "validation", cfg.reduce_zero_label)
+        if cfg.num_classes != 150:
+            raise DataError(f"num_classes: ADE20K has 150 classes, the config says {cfg.num_classes}")
     engine.seed_everything(cfg.seed)
     model = build_segmenter(cfg)
     rank, world_size = engine.world()

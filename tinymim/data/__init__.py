@@ -14,7 +14,17 @@ from typing import Any
 from torch.utils.data import Dataset, Subset
 
 from .batches import LoaderBatches, TensorBatches
-from .folders import ADE20K, IGNORE_INDEX, DataError, ImageNetFolder, open_rgb, reduce_zero_label, resource_lines
+from .folders import (
+    ADE20K,
+    IGNORE_INDEX,
+    DataError,
+    ImageNetFolder,
+    check_images,
+    folder_classes,
+    open_rgb,
+    reduce_zero_label,
+    resource_lines,
+)
 from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
 
 # sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
@@ -82,7 +92,7 @@ def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
 
 
 __all__ = [
-    "IGNORE_INDEX", "ADE20K", "DataError", "ImageNetFolder", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
+    "IGNORE_INDEX", "ADE20K", "DataError", "ImageNetFolder", "check_images", "folder_classes", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
     "SyntheticSpec", "TensorBatches", "limit", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines",
     "split_dir", "synthetic", "two_view_batches",
 ]

@@ -8,7 +8,7 @@ file that is not a decodable image.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -42,23 +42,77 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({e})") from e
 
 
-class ImageNetFolder(ImageFolder):
-    """`root/<wnid>/*.JPEG` with classes in sorted wnid order (= ImageNet-1K indices).
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """The class folders under `root`, sorted (torchvision's order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    return sorted(p.name for p in os.scandir(root) if p.is_dir())
 
-    When the folder holds all 1000 ImageNet wnids, their order is checked against the
-    reference list, so a 1K head trained elsewhere (MAE, timm, DeiT) lines up.
+
+class ImageNetFolder(ImageFolder):
+    """`root/<class>/*.JPEG` whose labels are indices into a *label space*, never folder
+    positions: a `val/` that lacks one class folder must not shift every later label.
+
+    `classes` is the label space (e.g. the list a model was trained with); None means
+    the ImageNet-1K wnid order when every folder is a 1K wnid, else the sorted folder
+    names. A folder outside the label space is an error naming it. `classes` then holds
+    the label space (label i = classes[i]); `folders` the folders actually present.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: dataset folder not found")
+        self._label_space = list(classes) if classes is not None else None
         try:
             super().__init__(str(root), transform=transform, loader=open_rgb)
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from e
-        if len(self.classes) == 1000 and self.classes != resource_lines("imagenet_1k_wnids.txt"):
-            raise DataError(f"{root}: 1000 class folders, but not the ImageNet-1K wnids")
+        self.folders, self.classes = self.classes, self._label_space
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        found, _ = super().find_classes(directory)
+        space = self._label_space
+        if space is None:
+            wnids = resource_lines("imagenet_1k_wnids.txt")
+            space = wnids if set(found) <= set(wnids) else found
+        index = {c: i for i, c in enumerate(space)}
+        unknown = [c for c in found if c not in index]
+        if unknown:
+            raise DataError(f"{directory}: class folder(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not "
+                            f"among the {len(space)} classes of the label space (first: {space[:3]}); each folder "
+                            f"must be one of the classes the model was trained on")
+        self._label_space = list(space)
+        return found, {c: index[c] for c in found}
+
+
+def check_images(root: str | os.PathLike, workers: int = 8, progress: bool = True) -> tuple[int, list[str]]:
+    """Every image file under `root` opened and its header verified, in parallel threads:
+    (number checked, ['path: why' for each unreadable one]). Meant to run once before a
+    long training, so a corrupt file is not found hours in (`tinymim check-data ROOT`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    files = sorted(p for p in root.rglob("*") if p.suffix in IMG_EXTENSIONS or p.suffix.lower() in IMG_EXTENSIONS)
+
+    def check(path: Path) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as e:  # PIL raises many types for broken files
+            return f"{path}: {type(e).__name__}: {e}"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(tqdm(pool.map(check, files), total=len(files), disable=not progress, desc="check-data",
+                            mininterval=2.0))
+    return len(files), [r for r in results if r is not None]
 
 
 def _stem_map(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -106,6 +160,10 @@ class ADE20K(Dataset):
         if mask.shape != (image.height, image.width):
             raise DataError(f"{ann_path}: size {tuple(mask.shape)} differs from image {img_path} "
                             f"({image.height}, {image.width})")
+        top = int(mask[mask != IGNORE_INDEX].max()) if (mask != IGNORE_INDEX).any() else 0
+        if top > len(self.classes):
+            raise DataError(f"{ann_path}: mask value {top}, but ADE20K labels are 0..{len(self.classes)} "
+                            f"(0 = other, 1..150 = the classes, 255 = ignore)")
         if self.reduce_zero_label:
             mask = reduce_zero_label(mask)
         if self.transform is not None:
