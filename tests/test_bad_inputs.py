@@ -125,3 +125,25 @@ def test_debug_shows_the_traceback(files):
 
 def test_table_is_large_enough():
     assert len(CASES) >= 30
+
+
+def test_a_corrupt_image_found_in_a_worker_stops_with_its_path(tmp_path, capsys):
+    _images(tmp_path / "data" / "train", ["a", "b"], n=4)
+    _images(tmp_path / "data" / "val", ["a", "b"], n=1)
+    (tmp_path / "data" / "train" / "a" / "9.png").write_bytes(b"\x89PNG broken")
+    argv = ["finetune", "--out", str(tmp_path / "run"), "--set", f"data={tmp_path / 'data'}", "--set", "num_classes=2",
+            "--set", "steps=4", "--set", "warmup_steps=1", "--set", "batch_size=9", "--set", "num_workers=1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar it ended
+    assert err.startswith("error: ") and "\n" not in err and "9.png" in err and "Traceback" not in err, err
+
+
+def test_an_ade20k_mask_value_above_150_names_the_file(tmp_path):
+    from tinymim.data import ADE20K, DataError
+
+    (tmp_path / "images" / "training").mkdir(parents=True)
+    (tmp_path / "annotations" / "training").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / "training" / "x.jpg")
+    Image.fromarray(np.full((4, 4), 200, np.uint8)).save(tmp_path / "annotations" / "training" / "x.png")
+    with pytest.raises(DataError, match=r"x\.png: mask value 200"):
+        ADE20K(tmp_path)[0]

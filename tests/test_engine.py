@@ -91,24 +91,32 @@ def test_accumulation_matches_full_batch(tmp_path):
         assert torch.allclose(x, y, atol=1e-6), k
 
 
-class _Exploding(nn.Module):
-    def __init__(self):
+class _Diverging(nn.Module):
+    """Goes wrong from its 5th call: a NaN loss, or a finite loss whose gradient is inf
+    (sqrt at 0) -- which a guard on the loss alone would checkpoint as NaN weights."""
+
+    def __init__(self, how: str):
         super().__init__()
         self.w = nn.Parameter(torch.tensor(1.0))
-        self.calls = 0
+        self.how, self.calls = how, 0
 
     def forward(self, x):
         self.calls += 1
-        loss = (self.w * x.float().mean()) ** 2
-        return (loss * float("nan") if self.calls > 4 else loss), {}
+        loss = (self.w * x.float().mean() / 255) ** 2
+        if self.calls > 4:
+            loss = loss * float("nan") if self.how == "loss" else loss + torch.sqrt(self.w - self.w.detach())
+        return loss, {}
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = _cfg(steps=8, ckpt_every=2, log_every=2)
-    with pytest.raises(engine.TrainingDiverged, match="NaN"):
-        engine.train(_Exploding(), _batches(), cfg, tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+@pytest.mark.parametrize("how", ["loss", "gradient"])
+def test_nan_guard_keeps_a_finite_checkpoint_and_says_what_to_run(tmp_path, how):
+    cfg = _cfg(steps=8, ckpt_every=2, log_every=2, lr=0.5)
+    with pytest.raises(engine.TrainingDiverged) as e:
+        engine.train(_Diverging(how), _batches(), cfg, tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert state["step"] == 4 and torch.isfinite(state["task"]["w"]).all()
+    msg = str(e.value)
+    assert "--set lr=0.25" in msg and f"--out {tmp_path / 'run'}-lr0.25" in msg  # a command that works
 
 
 def test_plan_accumulates_to_config_batch():
@@ -123,32 +131,6 @@ def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(ValueError, match="another config.*lr"):
         engine.train(_mae_task(), _batches(), _cfg(steps=3, lr=5e-3), tmp_path, progress=False)
     engine.train(_mae_task(), _batches(), _cfg(steps=3, log_every=2), tmp_path, progress=False)  # harmless change
-
-
-class _GradBlowsUp(nn.Module):
-    """A finite loss whose gradient becomes inf from the 5th call: sqrt at 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(1.0))
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        loss = (self.w * x.float().mean() / 255) ** 2
-        if self.calls > 4:
-            loss = loss + torch.sqrt(self.w - self.w.detach())  # value 0, gradient inf
-        return loss, {}
-
-
-def test_nan_guard_watches_gradients_and_keeps_a_finite_checkpoint(tmp_path):
-    cfg = _cfg(steps=8, ckpt_every=2, log_every=2, lr=0.5)
-    with pytest.raises(engine.TrainingDiverged) as e:
-        engine.train(_GradBlowsUp(), _batches(), cfg, tmp_path / "run", progress=False)
-    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    assert state["step"] == 4 and torch.isfinite(state["task"]["w"]).all()
-    msg = str(e.value)
-    assert "--set lr=0.25" in msg and f"--out {tmp_path / 'run'}-lr0.25" in msg  # a command that works
 
 
 def _full_and_interrupted(tmp_path, cfg):

@@ -81,6 +81,12 @@ def atomic_save(obj: Any, path: str | os.PathLike, previous: str | os.PathLike |
     return atomic_write(path, lambda f: torch.save(obj, f), previous)
 
 
+def atomic_write_json(data: Any, path: str | os.PathLike) -> Path:
+    """A JSON run-state file (eval.json, config.json, ...) through `atomic_write`."""
+    text = json.dumps(data, indent=2)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Remove our own orphan temp files (a killed write leaves them; at paper scale each
     can be a GB). Returns what was removed."""
@@ -314,8 +320,19 @@ def load_teacher(name: str | None, path: str | os.PathLike | None = None, img_si
     return model
 
 
-def _load_timm_teacher(timm_name: str, path: str | os.PathLike | None, img_size: int | None) -> VisionTransformer:
+def _timm_create(name: str, path: Any, **kwargs: Any) -> nn.Module:
+    """timm.create_model with pretrained weights, its refusals named (an unknown model, a
+    file that is not weights-only, keys that do not fit)."""
     import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # timm/torch raise RuntimeError, UnpicklingError, KeyError, ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"timm:{name} with weights {path}: {type(e).__name__}: {first}") from e
+
+
+def _load_timm_teacher(timm_name: str, path: str | os.PathLike | None, img_size: int | None) -> VisionTransformer:
 
     kwargs: dict[str, Any] = {"num_classes": 0}
     if img_size:
@@ -324,7 +341,7 @@ def _load_timm_teacher(timm_name: str, path: str | os.PathLike | None, img_size:
         if not Path(path).is_file():
             raise CheckpointError(f"{path}: checkpoint file not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    model = timm.create_model(timm_name, pretrained=True, **kwargs)  # offline with a file; hub only if the user gives none
+    model = _timm_create(timm_name, path, **kwargs)  # offline with a file; hub only if the user gives none
     if not isinstance(model, VisionTransformer):
         raise CheckpointError(f"timm:{timm_name} is a {type(model).__name__}, not a VisionTransformer")
     arch = next((k for k, a in ARCHS.items() if (a.embed_dim, a.depth) == (model.embed_dim, len(model.blocks))), None)
@@ -342,13 +359,11 @@ def load_classifier(source: str | os.PathLike, num_classes: int | None = 1000) -
     for evaluation; `num_classes=None` accepts a tinymim checkpoint's own class count."""
     source = str(source)
     if source.startswith("timm:"):
-        import timm
-
         name, sep, path = source[5:].partition("=")
         if not sep or not Path(path).is_file():
             raise CheckpointError(f"{source}: expected timm:<model name>=<existing weights file>")
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes or 1000,  # offline: weights from `path`
-                                  pretrained_cfg_overlay={"file": path})
+        model = _timm_create(name, path, num_classes=num_classes or 1000,  # offline: weights from `path`
+                             pretrained_cfg_overlay={"file": path})
     else:
         ckpt = open_checkpoint(source)
         if ckpt.spec is None or ckpt.spec.num_classes <= 0:

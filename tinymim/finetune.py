@@ -9,7 +9,6 @@ Written here: the hard-label distillation loss, which timm does not ship.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -25,7 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import engine
-from .checkpoints import CLASSIFIER_KEYS, CheckpointError, load_classifier, load_encoder, open_checkpoint, save_model
+from .checkpoints import (
+    CLASSIFIER_KEYS,
+    CheckpointError,
+    atomic_write_json,
+    load_classifier,
+    load_encoder,
+    open_checkpoint,
+    save_model,
+)
 from .config import FinetuneConfig
 from .data import (
     DataError,
@@ -189,7 +196,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
                "heads": list(model_spec(model).heads), **evaluate(model, cfg, device=device, classes=classes)}
     if rank == 0:
         save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict(), "classes": classes})
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(metrics, run_dir / "eval.json")
     return model, metrics
 
 

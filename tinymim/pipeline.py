@@ -137,8 +137,8 @@ def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: 
     if path is None:
         if profile != "smoke":
             raise MissingInput("teacher_path is required in the paper profile: an official MAE checkpoint "
-                               "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B); "
-                               "papermill: -p teacher_path /path/to/mae_pretrain_vit_base.pth")
+                               "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B) ("
+                               "tinymim run: --param teacher_path=FILE; papermill: -p teacher_path FILE)")
         return smoke_teacher(run.models, overrides, progress=progress)
     load_teacher(name, path)  # validate now, before any expensive work downstream
     return Path(path)
@@ -154,8 +154,8 @@ def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLik
         return run.teacher
     if profile != "smoke":
         where = f" or run notebook 01 into {run.root} first" if run is not None else ""
-        raise MissingInput(f"no teacher: pass teacher_path (papermill: -p teacher_path FILE; CLI: --set "
-                           f"teacher_path=FILE){where}")
+        raise MissingInput(f"no teacher: pass teacher_path (tinymim run: --param teacher_path=FILE; papermill: "
+                           f"-p teacher_path FILE; tinymim pretrain: --set teacher_path=FILE){where}")
     return smoke_teacher(progress=progress)
 
 
@@ -168,8 +168,8 @@ def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None 
     if run.student.exists():
         return run.student
     if profile != "smoke":
-        raise MissingInput(f"no distilled student: pass `pretrained` (papermill: -p pretrained FILE) or run "
-                           f"notebook 02 into {run.root} first")
+        raise MissingInput(f"no distilled student: pass `pretrained` (tinymim run: --param pretrained=FILE; "
+                           f"papermill: -p pretrained FILE) or run notebook 02 into {run.root} first")
     cfg = get_config("pretrain", profile="smoke",
                      overrides={"teacher_path": str(teacher_path_for(run, profile, progress=progress))})
     return pretrain(cfg, run.pretrain, progress=progress)
@@ -252,7 +252,7 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True) -> d
         missing = [str(p / "model.pth") for p in dirs.values() if not (p / "model.pth").exists()]
         if missing:
             raise MissingInput(f"no fine-tuned models at {missing}: run notebook 03 first, or pass "
-                               f"checkpoints (papermill: -p checkpoints '{{\"name\": \"FILE\"}}')")
+                               f"checkpoints (tinymim run: --param 'checkpoints={{\"name\": \"FILE\"}}')")
     else:
         student = obtain_student(run, profile, progress=progress)
         dirs = run_comparison(run, comparison_configs(profile, student), progress=progress)

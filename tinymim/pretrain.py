@@ -10,7 +10,6 @@ layout recorded, so it loads back through `load_teacher` as the next teacher.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .checkpoints import load_teacher, save_model
+from .checkpoints import atomic_write_json, load_teacher, save_model
 from .config import PretrainConfig
 from .data import two_view_batches
 from .data.transforms import TwoViews
@@ -62,7 +61,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         resolved = {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict() | resolved, indent=2))
+        atomic_write_json(cfg.to_dict() | resolved, run_dir / "config.json")
     result = engine.train(task, two_view_batches(cfg, rank, world_size), cfg, run_dir, device=device,
                           progress=progress, stop_after=stop_after)
     out = run_dir / "student.pth"

@@ -12,7 +12,6 @@ of the mean, as mmseg does.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import engine
-from .checkpoints import CLASSIFIER_KEYS, atomic_save, load_encoder, open_checkpoint
+from .checkpoints import CLASSIFIER_KEYS, atomic_save, atomic_write_json, load_encoder, open_checkpoint
 from .config import SegmentationConfig
 from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, TensorBatches, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -366,6 +365,6 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
     metrics = evaluate_segmentation(model, cfg, device=device)
     if rank == 0:
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, run_dir / "model.pth")
-        (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(metrics, run_dir / "eval.json")
     return model, metrics
 
