@@ -176,7 +176,7 @@ class BaseConfig:
         if self.input_size % patch:
             raise ConfigError(f"input_size: {self.input_size} is not a multiple of {self.model}'s patch size {patch} "
                               f"(the last {self.input_size % patch} pixels of each row and column would be dropped)")
-        if self.steps is not None and self.warmup_steps is not None and self.warmup_steps >= self.steps > 1:
+        if self.steps is not None and self.warmup_steps and self.warmup_steps >= self.steps:
             raise ConfigError(f"warmup_steps: {self.warmup_steps} warm-up steps for {self.steps} steps of training; "
                               f"set warmup_steps below steps (e.g. --set warmup_steps={self.steps // 10})")
         crop = getattr(self, "crop_scale", (0.5, 1.0))
@@ -488,7 +488,7 @@ def get_config(
     values = {"profile": profile, "model": model} | preset | overrides
     if "steps" in overrides and "warmup_steps" not in overrides and preset.get("warmup_steps"):
         steps = _coerce("steps", overrides["steps"], int)
-        if steps is not None and 1 < steps <= preset["warmup_steps"]:  # keep the preset's warm-up share
+        if steps is not None and 0 < steps <= preset["warmup_steps"]:  # keep the preset's warm-up share
             values["warmup_steps"] = preset["warmup_steps"] * steps // preset["steps"]
             warnings.warn(f"steps={steps}: warm-up scaled from {preset['warmup_steps']} to {values['warmup_steps']} "
                           f"steps (the preset's share); set warmup_steps to choose", stacklevel=2)

@@ -65,7 +65,7 @@ def make_plan(cfg: BaseConfig, steps_per_epoch: int, world_size: int = 1) -> Pla
                          f"x micro_batch_size {micro}")
     steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-    if warmup >= steps and steps > 1:
+    if warmup and warmup >= steps:  # the whole run would be warm-up: an lr that never peaks
         raise ValueError(f"warm-up ({warmup} steps) must be shorter than training ({steps} steps)")
     return Plan(steps, warmup, steps_per_epoch, world_size, per_rank // micro, micro)
 
