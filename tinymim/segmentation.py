@@ -145,8 +145,9 @@ class ViTUperNet(nn.Module):
 
 
 def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
-    """The segmentation model; with `cfg.pretrained`, the encoder weights (position
-    embeddings interpolated to the input grid; only the classifier parts may be absent)."""
+    """The segmentation model; with `cfg.pretrained`, the encoder weights through
+    `checkpoints.load_encoder` (position embedding resampled to the input grid, a
+    classifier checkpoint's heads ignored, TinyMIM*-T's extra FC kept for every level)."""
     ckpt = open_checkpoint(cfg.pretrained) if cfg.pretrained else None
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
     extra = 0
