@@ -326,7 +326,7 @@ def _timm_create(name: str, path: Any, **kwargs: Any) -> nn.Module:
     import timm
 
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)  # offline with a weights file; hub only by user choice
     except Exception as e:  # timm/torch raise RuntimeError, UnpicklingError, KeyError, ...
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"timm:{name} with weights {path}: {type(e).__name__}: {first}") from e
