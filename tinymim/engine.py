@@ -308,7 +308,8 @@ class _Logger:
         norm finite since the last check, and the weights finite now -- so a checkpoint is
         only ever written of a finite state."""
         run, step = self.run, self.run.step
-        weights_ok = all(bool(torch.isfinite(p).all()) for p in run.task.parameters() if p.requires_grad)
+        trained = [p for p in run.task.parameters() if p.requires_grad]
+        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()) if trained else True
         if bool(self.bad) or not weights_ok:
             lower = run.cfg.lr / 2
             raise TrainingDiverged(
