@@ -106,6 +106,48 @@ def test_robustness(classifier, capsys):
                                                         for s in res["errors"][c]) / 4)
 
 
+DOCTOR_TRAIN_KEYS = {"stage", "model", "teacher", "input_size", "device", "precision", "micro_batch", "images_per_s",
+                     "peak_mem_gib", "paper_batch", "devices", "micro_batch_size", "accum_steps", "paper_images",
+                     "est_hours_paper_schedule"}
+
+
+def test_doctor(capsys):
+    assert main(["doctor", "--profile", "smoke", "--steps", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    checks = [r["check"] for r in lines]
+    assert checks[0] == "environment" and checks[-1] == "done"
+    assert {"torch", "timm", "cuda", "nccl", "gpus", "cpu_native_bf16", "device"} <= set(lines[0])
+    train = [r for r in lines if r["check"] == "train"]
+    assert [r["stage"] for r in train] == ["mae", "pretrain", "finetune", "segmentation"]
+    for r in train:
+        assert DOCTOR_TRAIN_KEYS <= set(r) and r["images_per_s"] > 0
+        # the paper's effective batch = micro-batch x accumulation on this host's devices
+        assert r["micro_batch_size"] * r["accum_steps"] * r["devices"] == r["paper_batch"]
+        assert r["est_hours_paper_schedule"] == pytest.approx(
+            r["paper_images"] / (r["images_per_s"] * r["devices"]) / 3600, rel=0.02, abs=0.01)
+    assert {r["pipeline"] for r in lines if r["check"] == "data"} == {"pretrain", "finetune"}
+    assert all(r["images_per_s"] > 0 for r in lines if r["check"] in ("evaluate", "data"))
+
+
+def test_doctor_at_paper_sizes(capsys):
+    """The paper models themselves (ViT-B at 224 px here), one step each: the path runs on a CPU."""
+    assert main(["doctor", "--only", "finetune,evaluate", "--steps", "1", "--batch", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    train = {r["model"]: r for r in lines if r["check"] == "train"}
+    assert set(train) == {"vit_tiny", "vit_small", "vit_base"} and train["vit_base"]["input_size"] == 224
+    assert train["vit_base"]["paper_batch"] == 1024 and train["vit_base"]["accum_steps"] == 512  # micro-batch 2
+    assert train["vit_base"]["paper_images"] == 100 * 1_281_167  # Table 2: 100 epochs for ViT-B
+
+
+@pytest.mark.parametrize("command", ["mae", "pretrain", "finetune", "segment", "evaluate", "robustness", "doctor"])
+def test_every_command_that_computes_takes_a_device_and_names_a_missing_one(command, tmp_path, capsys):
+    positional = {"evaluate": ["x.pth", "--data", "synthetic"], "robustness": ["x.pth"]}.get(command, [])
+    out = ["--out", str(tmp_path)] if command in ("mae", "pretrain", "finetune", "segment") else []
+    code = main([command, *positional, *out, "--device", "cuda:7"])
+    err = capsys.readouterr().err  # named before any work (no checkpoint read, no teacher trained)
+    assert code == 1 and "cuda:7" in err and ("no CUDA GPU" in err or "GPU(s)" in err), err
+
+
 def test_errors_print_one_line_not_a_traceback(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.pth"), "--data", "synthetic"]) == 1
     err = capsys.readouterr().err

@@ -17,8 +17,8 @@ MAE_TINY = {"steps": 2, "warmup_steps": 1, "batch_size": 8, "data_limit": 16, "d
 def test_smoke_teacher_is_trained_once_per_config(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYMIM_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = pipeline.pretrain_mae
-    monkeypatch.setattr(pipeline, "pretrain_mae", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = pipeline.train_stage
+    monkeypatch.setattr(pipeline, "train_stage", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     first = pipeline.smoke_teacher(tmp_path / "a", MAE_TINY, progress=False)
     again = pipeline.smoke_teacher(tmp_path / "b", MAE_TINY, progress=False)
     assert len(calls) == 1  # the second run directory got a copy of the cached one

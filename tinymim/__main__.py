@@ -36,14 +36,36 @@ def _check_out(out: str) -> None:
         raise PermissionError(f"--out {out}: cannot create or write it ({parent} is not writable)")
 
 
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one; under torchrun this process's), cpu, cuda or cuda:N")
+
+
 def _training(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a config JSON (from `tinymim config STAGE` or a run's config.json); --set applies on top")
+    _device(p)
     _profile_and_overrides(p)
 
 
 def _config(args: argparse.Namespace, stage: str):
-    return get_config(stage, getattr(args, "model", None), args.profile, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "config", None):
+        from pathlib import Path
+
+        from .config import config_from_dict
+
+        try:
+            saved = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {args.config}: not JSON ({e})") from None
+        if not isinstance(saved, dict) or saved.get("stage", stage) != stage:
+            raise ConfigError(f"--config {args.config}: expected a {stage!r} config, "
+                              f"got {saved.get('stage') if isinstance(saved, dict) else type(saved).__name__!r}")
+        return config_from_dict({"stage": stage} | saved, overrides | ({"model": args.model} if args.model else {}))
+    return get_config(stage, getattr(args, "model", None), args.profile, overrides)
 
 
 # ---------------------------------------------------------------------------------
@@ -63,6 +85,10 @@ def cmd_run(args: argparse.Namespace) -> None:
             params[k] = json.loads(v)
         except json.JSONDecodeError:
             params[k] = v
+    if args.device is not None:
+        params["device"] = args.device
+    if args.nproc is not None:
+        params["nproc"] = args.nproc
     result = run(args.profile, args.out, args.only.split(",") if args.only else None,
                  notebooks_dir=args.notebooks or NOTEBOOKS_DIR, parameters=params)
     print(f"run directory: {result.run_dir}")
@@ -73,7 +99,7 @@ def cmd_mae(args: argparse.Namespace) -> None:
     from .mae import pretrain_mae
 
     _check_out(args.out)
-    print(f"teacher: {pretrain_mae(_config(args, 'mae'), args.out, device=setup_distributed())}")
+    print(f"teacher: {pretrain_mae(_config(args, 'mae'), args.out, device=setup_distributed(args.device))}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -83,8 +109,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = _config(args, "pretrain")
     _check_out(args.out)
-    cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path))
-    device = setup_distributed()
+    device = setup_distributed(args.device)  # a missing device is named before a smoke teacher is trained
+    cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path, device=device, nproc=1))
     if args.chain:
         paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
     else:
@@ -98,18 +124,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     cfg = _config(args, "finetune")
     _check_out(args.out)
-    _, metrics = train_classifier(cfg, args.out, device=setup_distributed())
+    _, metrics = train_classifier(cfg, args.out, device=setup_distributed(args.device))
     print(json.dumps(metrics, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .checkpoints import load_classifier, open_checkpoint
+    from .devices import resolve_device
     from .finetune import evaluate
 
+    device = resolve_device(args.device)
     model = load_classifier(args.checkpoint, args.num_classes)
     classes = None if args.checkpoint.startswith("timm:") else open_checkpoint(args.checkpoint).meta.get("classes")
     where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers, data_seed=0)
-    print(json.dumps(evaluate(model, where, classes=classes), indent=2))
+    print(json.dumps(evaluate(model, where, device=device, classes=classes), indent=2))
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
@@ -118,17 +146,26 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
     cfg = _config(args, "segmentation")
     _check_out(args.out)
-    _, metrics = train_segmentation(cfg, args.out, device=setup_distributed())
+    _, metrics = train_segmentation(cfg, args.out, device=setup_distributed(args.device))
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
 
 
 def cmd_robustness(args: argparse.Namespace) -> None:
     from .checkpoints import load_classifier
+    from .devices import resolve_device
     from .robustness import evaluate_robustness
 
+    device = resolve_device(args.device)
     cfg = get_config("robustness", profile=args.profile, overrides=parse_overrides(args.overrides))
     model = load_classifier(args.checkpoint, num_classes=None)
-    print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c), indent=2))
+    print(json.dumps(evaluate_robustness(model, cfg, args.imagenet_a, args.imagenet_r, args.imagenet_c,
+                                         device=device), indent=2))
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from .doctor import run_doctor
+
+    run_doctor(args.profile, args.steps, args.device, args.batch, args.only.split(",") if args.only else None)
 
 
 def cmd_check_data(args: argparse.Namespace) -> None:
@@ -140,6 +177,15 @@ def cmd_check_data(args: argparse.Namespace) -> None:
     print(f"{n} images checked, {len(bad)} unreadable")
     if bad:
         raise DataError(f"{args.root}: {len(bad)} of {n} images cannot be read (listed above)")
+
+
+def _args_doctor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, default="paper", help="paper sizes (default) or the smoke ones")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per stage (after one warm-up step)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="micro-batch per device, even (default: the largest that fits on a GPU; 2 on a CPU)")
+    p.add_argument("--only", default=None, help="comma-separated: mae,pretrain,finetune,segmentation,evaluate,data")
+    _device(p)
 
 
 def _args_check_data(p: argparse.ArgumentParser) -> None:
@@ -160,6 +206,9 @@ def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--notebooks", default=None, help="folder of NN_*.ipynb notebooks (default: the kit's own)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="extra papermill parameter (JSON value or string), repeatable")
+    p.add_argument("--device", default=None, help="every notebook's `device` parameter (default: auto)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
 
 
 def _args_pretrain(p: argparse.ArgumentParser) -> None:
@@ -174,7 +223,8 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="'synthetic' or an ImageNet root (uses <data>/val)")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default: from the CPUs)")
+    _device(p)
 
 
 def _args_robustness(p: argparse.ArgumentParser) -> None:
@@ -182,6 +232,7 @@ def _args_robustness(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imagenet-a", default=None, help="folder of the 200 ImageNet-A wnids")
     p.add_argument("--imagenet-r", default=None, help="folder of the 200 ImageNet-R wnids")
     p.add_argument("--imagenet-c", default=None, help="ImageNet-C root: <corruption>/<severity>/<wnid>/")
+    _device(p)
     _profile_and_overrides(p, default_profile="paper")
 
 
@@ -198,6 +249,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
                 lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
+    "doctor": ("environment, then images/s, memory and paper-schedule estimates of every stage on this host",
+               _args_doctor, cmd_doctor),
     "check-data": ("open every image under a folder and list the unreadable ones", _args_check_data, cmd_check_data),
 }
 
@@ -206,11 +259,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .data import DataError
     from .engine import TrainingDiverged
+    from .launch import LaunchFailed
     from .pipeline import MissingInput
     from .runner import NotebookFailed
 
-    # ValueError: what our checks raise on combinations (teacher vs config, pairings, plans)
-    return CheckpointError, DataError, MissingInput, NotebookFailed, TrainingDiverged, ValueError
+    # ValueError: what our checks raise on combinations (teacher vs config, pairings, plans) and
+    # on a device that is not there (devices.DeviceError)
+    return CheckpointError, DataError, LaunchFailed, MissingInput, NotebookFailed, TrainingDiverged, ValueError
 
 
 def _message(e: BaseException) -> str:
@@ -248,17 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(p)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # under torchrun every rank prints its own error line, tagged (launch.torchrun reads it)
+    error = f"error (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error"
     try:
         COMMANDS[args.command][2](args)
     except ConfigError as e:
         if args.debug:
             raise
-        print(f"error: {_message(e)}", file=sys.stderr)
+        sys.stderr.write(f"{error}: {_message(e)}\n")  # one write: ranks share the launcher's pipe
         return 2
     except (*_known_errors(), OSError, torch.OutOfMemoryError) as e:
         if args.debug:
             raise
-        print(f"error: {_message(e)}", file=sys.stderr)
+        sys.stderr.write(f"{error}: {_message(e)}\n")  # one write: ranks share the launcher's pipe
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)

@@ -155,7 +155,7 @@ class BaseConfig:
     clip_grad: float | None = None
     drop_path: float = 0.1
     amp: str = "auto"  # auto | bf16 | fp16 | none
-    num_workers: int = 0
+    num_workers: int | None = None  # data-loader processes per device; None = from the CPUs present
     log_every: int = 20
     ckpt_every: int = 500
 
@@ -330,7 +330,7 @@ STAGE_OF = {cls: name for name, cls in STAGES.items()}
 
 
 def _paper(stage: str, model: str) -> dict[str, Any]:
-    common = dict(input_size=224, eps=1e-8, weight_decay=0.05, num_workers=10, log_every=50, ckpt_every=2000)
+    common = dict(input_size=224, eps=1e-8, weight_decay=0.05, log_every=50, ckpt_every=2000)
     if stage == "mae":  # MAE paper, Table 8 (pre-training setting)
         return common | dict(batch_size=4096, blr=1.5e-4, min_lr=0.0, epochs=800, warmup_epochs=40,
                              betas=(0.9, 0.95), drop_path=0.0, decoder_dim=512, decoder_depth=8)
@@ -351,7 +351,7 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
     if stage == "segmentation":  # Table 3 (ViT-S/B; ViT-T reuses it)
         return common | dict(input_size=512, lr=1e-4, steps=160000, warmup_steps=1500, batch_size=16,
                              betas=(0.9, 0.999), layer_decay=0.75, min_lr=0.0, schedule="linear",
-                             drop_path=0.1, num_classes=150, num_workers=4, ckpt_every=16000)
+                             drop_path=0.1, num_classes=150, ckpt_every=16000)
     if stage == "robustness":  # the ImageNet-A/R/C folders are given per run
         return common | dict(batch_size=256, lr=0.0, drop_path=0.0, data="imagenet")
     raise ConfigError(f"unknown stage {stage!r}")
@@ -503,9 +503,29 @@ def get_config(
     return cfg
 
 
+def config_from_dict(saved: dict[str, Any], overrides: dict[str, Any] | None = None) -> BaseConfig:
+    """A config written by `to_dict` (a run's config.json, `tinymim config STAGE`) resolved
+    again -- its stage, model and profile with every other field as an override, so it is
+    validated like any override -- then `overrides` on top (e.g. the CLI's --set)."""
+    values = dict(saved)
+    missing = [k for k in ("stage", "profile", "model") if k not in values]
+    if missing:
+        raise ConfigError(f"config: no {missing} field(s); expected a tinymim config as written by "
+                          f"`tinymim config STAGE` or a run's config.json")
+    stage, profile, model = values.pop("stage"), values.pop("profile"), values.pop("model")
+    if values.get("blr") is not None:
+        values.pop("lr", None)  # derived from blr and batch_size: an overridden batch rescales it
+    for key in ("teacher_resolved", "teacher_block_resolved"):  # what pretrain adds to its config.json
+        values.pop(key, None)
+    overrides = dict(overrides or {})
+    model = overrides.pop("model", None) or model
+    with warnings.catch_warnings():  # every field is explicit: nothing is scaled behind the user's back
+        warnings.simplefilter("ignore")
+        return get_config(stage, model, profile, values | overrides)
+
 
 __all__ = [
     "BaseConfig", "MAEConfig", "PretrainConfig", "FinetuneConfig", "SegmentationConfig",
-    "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "ARCHS", "Arch", "get_config", "cache_dir", "derive_seed",
+    "RobustnessConfig", "ConfigError", "STAGES", "PROFILES", "ARCHS", "Arch", "get_config", "config_from_dict", "cache_dir", "derive_seed",
     "parse_overrides",
 ]

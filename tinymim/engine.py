@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, atomic_save, atomic_write, sweep_temp_files
 from .config import BaseConfig, derive_seed
+from .devices import autocast_dtype, resolve_device
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,28 +97,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16). Without it, bf16
-    autocast is emulated and measured ~17x slower than fp32 (an AVX2 EPYC here), with it
-    ~4x faster (AMX)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto': bf16 on GPUs that have it, fp16 on older GPUs; on a CPU bf16 only where it
-    is native (`native_bf16_cpu`), else fp32."""
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if native_bf16_cpu() else None
-
-
 def build_optimizer(module: nn.Module, cfg: BaseConfig, layer_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW over `module`'s trainable parameters with timm's groups: no decay on biases,
     norms and the module's `no_weight_decay()` names (position embedding, class token);
@@ -142,16 +121,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def setup_distributed() -> torch.device:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU,
-    also across nodes) and return this process's device."""
+def setup_distributed(device: str | torch.device | None = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU, also
+    across nodes) and return this process's device (`devices.resolve_device`)."""
+    dev = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def _frozen_keys(task: nn.Module) -> tuple[str, ...]:
@@ -168,7 +146,7 @@ def _trainable_state(task: nn.Module) -> dict[str, torch.Tensor]:
 @dataclass
 class Run:
     """What one training run holds besides the task: optimiser, schedule, precision and
-    where it stands. Built by `_start`, advanced by `train_step`, saved by `_save`."""
+    where it stands. Built by `start_run`, advanced by `train_step`, saved by `_save`."""
 
     task: nn.Module
     model: nn.Module  # the task, or its DDP wrapper
@@ -183,9 +161,10 @@ class Run:
     step: int = 0
 
 
-def _start(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, device: torch.device,
-           optimize: nn.Module | None, layer_decay: float | None) -> Run:
-    """Build optimiser/scheduler/scaler, then resume from run_dir/checkpoint.pth if present."""
+def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, device: torch.device,
+              optimize: nn.Module | None = None, layer_decay: float | None = None) -> Run:
+    """Build optimiser/scheduler/scaler, then resume from run_dir/checkpoint.pth if present.
+    `train` drives it; `doctor` times `train_step` on it directly."""
     rank, world_size = world()
     plan = make_plan(cfg, len(batches), world_size)
     task.to(device)
@@ -351,7 +330,7 @@ def train(
     batches: Batches,
     cfg: BaseConfig,
     run_dir: str | os.PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "auto",
     progress: bool = True,
     stop_after: int | None = None,
     optimize: nn.Module | None = None,
@@ -367,7 +346,7 @@ def train(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = _start(task, batches, cfg, run_dir, torch.device(device), optimize, layer_decay)
+    run = start_run(task, batches, cfg, run_dir, resolve_device(device), optimize, layer_decay)
     if run.step >= run.plan.steps:
         return _last_metrics(run_dir) | {"done": True}
     end = run.plan.steps if stop_after is None else min(run.plan.steps, run.step + stop_after)

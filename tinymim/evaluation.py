@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX
 from .data.transforms import normalize
+from .devices import autocast_dtype, resolve_device
 
 
 def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def predict(
     model: nn.Module,
     data: torch.Tensor | Iterable[Sequence[torch.Tensor]],
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "auto",
     batch_size: int = 500,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,7 +39,7 @@ def predict(
     (images, labels) batches such as a DataLoader. Outputs are float logits on the CPU,
     or `reduce(logits)` per batch (e.g. `argmax`); labels are None for a tensor input.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     model.eval().to(device)
     if isinstance(data, torch.Tensor):
         batches: Iterable = ((data[i:i + batch_size], None) for i in range(0, len(data), batch_size))
@@ -46,13 +47,21 @@ def predict(
         batches = data
     outs, labels = [], []
     for x, y in batches:
-        out = model(_prepare(x, device)).float()
+        with _inference_autocast(device):
+            out = model(_prepare(x, device)).float()
         outs.append((reduce(out) if reduce else out).cpu())
         if y is not None:
             labels.append(torch.as_tensor(y))
     if not outs:
         raise ValueError("no images to evaluate")
     return torch.cat(outs), (torch.cat(labels) if labels else None)
+
+
+def _inference_autocast(device: torch.device):
+    """bf16/fp16 inference on a GPU (as training there); on a CPU always fp32, so CPU
+    results do not depend on whether the CPU happens to have native bf16."""
+    dtype = autocast_dtype("auto", device) if device.type == "cuda" else None
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -82,14 +91,17 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Average-pooled patch tokens after the final norm: the linear-probe representation."""
-    model.eval()
+def features(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+             device: str | torch.device | None = "auto") -> torch.Tensor:
+    """Average-pooled patch tokens after the final norm: the linear-probe representation
+    (on the CPU, whatever device computed it)."""
+    device = resolve_device(device)
+    model.eval().to(device)
     out = []
     for i in range(0, len(images), batch_size):
-        x = _prepare(images[i:i + batch_size], torch.device("cpu"))
-        tokens = model.forward_features(x)
-        out.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).float())
+        with _inference_autocast(device):
+            tokens = model.forward_features(_prepare(images[i:i + batch_size], device))
+        out.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).float().cpu())
     return torch.cat(out)
 
 

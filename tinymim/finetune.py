@@ -46,6 +46,7 @@ from .data import (
     synthetic,
 )
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
+from .devices import loader_options
 from .evaluation import predict, topk_accuracy
 from .models import ModelSpec, build_model, model_spec
 
@@ -167,7 +168,7 @@ def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int =
 
 
 def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
-                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+                     device: str | torch.device | None = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune (or train from scratch when `cfg.pretrained` is None), then evaluate.
 
     Writes model.pth (with its head layout), metrics.jsonl and eval.json to `run_dir`.
@@ -201,7 +202,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device = "cpu",
+def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device | None = "auto",
              batch_size: int = 250, classes: list[str] | None = None) -> dict[str, float]:
     """Top-1/top-5 (%) on the config's data: the synthetic split, or `<data>/<split>`
     class folders read with `eval_transform`, labelled by the model's `classes` (the
@@ -211,5 +212,5 @@ def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch
         logits, labels = predict(model, ds.images, device=device, batch_size=batch_size)[0], ds.labels
     else:
         ds = ImageNetFolder(split_dir(cfg.data, split), transform=eval_transform(cfg.input_size), classes=classes)
-        logits, labels = predict(model, DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers), device)
+        logits, labels = predict(model, DataLoader(ds, batch_size=batch_size, **loader_options(cfg.num_workers, False)), device)
     return {**topk_accuracy(logits, labels), "n": len(labels)}

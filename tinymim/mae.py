@@ -125,7 +125,7 @@ class MAE(nn.Module):
 
 
 def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = True,
-                 device: str | torch.device = "cpu") -> Path:
+                 device: str | torch.device | None = "auto") -> Path:
     """Train an MAE per `cfg` in `run_dir`; returns the encoder checkpoint (teacher.pth)."""
     run_dir = Path(run_dir)
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)

@@ -26,10 +26,8 @@ from .checkpoints import load_teacher, open_checkpoint
 from .config import FinetuneConfig, cache_dir, get_config
 from .data import synthetic
 from .evaluation import features, linear_probe
-from .finetune import train_classifier
-from .mae import pretrain_mae
+from .launch import train_stage
 from .models import ModelSpec, build_model, model_spec
-from .pretrain import pretrain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,13 +112,13 @@ def _config_key(cfg_dict: dict[str, Any]) -> str:
 
 
 def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
     """The smoke profile's MAE micro teacher: trained once, cached under a key of its
     resolved config (any changed MAE setting makes a new one), copied into `dest`."""
     cfg = get_config("mae", profile="smoke", overrides=overrides)
     cache = cache_dir("teachers", _config_key(cfg.to_dict()))
     if not (cache / "teacher.pth").exists():
-        pretrain_mae(cfg, cache, progress=progress)
+        train_stage("mae", cfg, cache, device, nproc, progress)
     if dest is None:
         return cache / "teacher.pth"
     dest = Path(dest)
@@ -131,7 +129,8 @@ def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None 
 
 
 def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: str | os.PathLike | None = None,
-                   overrides: dict | None = None, progress: bool = True) -> Path:
+                   overrides: dict | None = None, progress: bool = True, device: str | None = "auto",
+                   nproc: int | None = None) -> Path:
     """Notebook 01's teacher: the given `path` (checked now by loading it), or in smoke
     the cached MAE micro teacher copied into the run directory."""
     if path is None:
@@ -139,13 +138,13 @@ def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: 
             raise MissingInput("teacher_path is required in the paper profile: an official MAE checkpoint "
                                "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B) ("
                                "tinymim run: --param teacher_path=FILE; papermill: -p teacher_path FILE)")
-        return smoke_teacher(run.models, overrides, progress=progress)
+        return smoke_teacher(run.models, overrides, progress, device, nproc)
     load_teacher(name, path)  # validate now, before any expensive work downstream
     return Path(path)
 
 
 def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLike | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
     """The teacher a distillation run uses: the one given, else notebook 01's in the run
     directory (when there is one), else in smoke the cached MAE micro teacher."""
     if path:
@@ -156,11 +155,11 @@ def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLik
         where = f" or run notebook 01 into {run.root} first" if run is not None else ""
         raise MissingInput(f"no teacher: pass teacher_path (tinymim run: --param teacher_path=FILE; papermill: "
                            f"-p teacher_path FILE; tinymim pretrain: --set teacher_path=FILE){where}")
-    return smoke_teacher(progress=progress)
+    return smoke_teacher(progress=progress, device=device, nproc=nproc)
 
 
 def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
     """A notebook's distilled student: the one given, else notebook 02's in the run
     directory, else -- in smoke -- distilled now with the default smoke config."""
     if path:
@@ -170,9 +169,9 @@ def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None 
     if profile != "smoke":
         raise MissingInput(f"no distilled student: pass `pretrained` (tinymim run: --param pretrained=FILE; "
                            f"papermill: -p pretrained FILE) or run notebook 02 into {run.root} first")
-    cfg = get_config("pretrain", profile="smoke",
-                     overrides={"teacher_path": str(teacher_path_for(run, profile, progress=progress))})
-    return pretrain(cfg, run.pretrain, progress=progress)
+    teacher = teacher_path_for(run, profile, progress=progress, device=device, nproc=nproc)
+    cfg = get_config("pretrain", profile="smoke", overrides={"teacher_path": str(teacher)})
+    return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress)
 
 
 # ---------------------------------------------------------------------------------
@@ -207,7 +206,8 @@ def _finished(path: Path, cfg: FinetuneConfig) -> bool:
     return (path / "eval.json").exists() and model.exists() and open_checkpoint(model).meta.get("config") == cfg.to_dict()
 
 
-def run_comparison(run: RunLayout, configs: dict[str, FinetuneConfig], progress: bool = True) -> dict[str, Path]:
+def run_comparison(run: RunLayout, configs: dict[str, FinetuneConfig], progress: bool = True,
+                   device: str | None = "auto", nproc: int | None = None) -> dict[str, Path]:
     """Train every config of `comparison_configs` that is not finished yet; returns each
     run's directory (model.pth, eval.json, metrics.jsonl). Scratch runs live in the
     shared baselines folder, distilled ones under notebook 03's."""
@@ -215,7 +215,7 @@ def run_comparison(run: RunLayout, configs: dict[str, FinetuneConfig], progress:
             for name, cfg in configs.items()}
     for name, path in dirs.items():
         if not _finished(path, configs[name]):
-            train_classifier(configs[name], path, progress=progress)  # resumes; refuses another config
+            train_stage("finetune", configs[name], path, device, nproc, progress)  # resumes; refuses another config
     return dirs
 
 
@@ -242,7 +242,8 @@ def summarize_comparison(dirs: dict[str, Path], key: str = "top1") -> dict[str, 
     return out
 
 
-def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True) -> dict[str, Path]:
+def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, device: str | None = "auto",
+                       nproc: int | None = None) -> dict[str, Path]:
     """Notebook 03's fine-tuned models (seed 0 of each arm) for notebooks 04-05: made
     now in smoke if missing; in paper an error naming the parameter to pass."""
     if profile != "smoke":
@@ -254,8 +255,8 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True) -> d
             raise MissingInput(f"no fine-tuned models at {missing}: run notebook 03 first, or pass "
                                f"checkpoints (tinymim run: --param 'checkpoints={{\"name\": \"FILE\"}}')")
     else:
-        student = obtain_student(run, profile, progress=progress)
-        dirs = run_comparison(run, comparison_configs(profile, student), progress=progress)
+        student = obtain_student(run, profile, progress=progress, device=device, nproc=nproc)
+        dirs = run_comparison(run, comparison_configs(profile, student), progress, device, nproc)
     return {name.rpartition("-s")[0]: path / "model.pth" for name, path in dirs.items()}
 
 
@@ -263,15 +264,16 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True) -> d
 # notebook 01's sanity checks of the built-in data
 
 
-def probe_model(model: torch.nn.Module, cfg: Any) -> dict[str, float]:
+def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -> dict[str, float]:
     """Linear probe of `model`'s frozen features on the synthetic labelled split (the
     config's `data_limit` images, as fine-tuning sees them), scored on val."""
     train, val = synthetic("train", cfg, size=cfg.data_limit), synthetic("val", cfg)
-    return linear_probe(features(model, train.images), train.labels, features(model, val.images), val.labels)
+    return linear_probe(features(model, train.images, device=device), train.labels,
+                        features(model, val.images, device=device), val.labels)
 
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> dict[str, Any]:
     """The smoke profile's two sanity checks on the synthetic data.
 
     (a) a micro ViT trained from scratch on the labelled split must beat chance by far
@@ -281,7 +283,7 @@ def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict
     """
     configs = comparison_configs("smoke", None, overrides=overrides)
     cfg = configs["scratch-s0"]
-    scratch = read_eval(run_comparison(run, {"scratch-s0": cfg}, progress=progress)["scratch-s0"])
+    scratch = read_eval(run_comparison(run, {"scratch-s0": cfg}, progress, device, nproc)["scratch-s0"])
     spec = model_spec(teacher)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -294,6 +296,6 @@ def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict
         "scratch_seconds": scratch["train_seconds"],
         "scratch_top1": scratch["top1"],
         "scratch_top5": scratch["top5"],
-        "teacher_probe_top1": probe_model(teacher, cfg)["top1"],
-        "random_init_probe_top1": probe_model(random_init, cfg)["top1"],
+        "teacher_probe_top1": probe_model(teacher, cfg, device)["top1"],
+        "random_init_probe_top1": probe_model(random_init, cfg, device)["top1"],
     }

@@ -33,7 +33,7 @@ def build_student(cfg: PretrainConfig, teacher_heads: int):
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-             stop_after: int | None = None, device: str | torch.device = "cpu") -> Path:
+             stop_after: int | None = None, device: str | torch.device | None = "auto") -> Path:
     """Distil `cfg.model` from the teacher; returns the student checkpoint path.
 
     Everything that can be wrong with the pairing (teacher block, head alignment, token
@@ -72,7 +72,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
 
 
 def pretrain_sequential(cfg: PretrainConfig, chain: list[str], run_dir: str | os.PathLike,
-                        progress: bool = True, device: str | torch.device = "cpu") -> list[Path]:
+                        progress: bool = True, device: str | torch.device | None = "auto") -> list[Path]:
     """Sequential distillation, e.g. chain ['vit_small', 'vit_tiny'] from a ViT-B teacher:
     each distilled student is the next stage's teacher (run dirs run_dir/<i>_<model>)."""
     paths: list[Path] = []

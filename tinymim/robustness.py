@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from .config import cache_dir, derive_seed
 from .data import DataError, ImageNetFolder, folder_classes, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .devices import loader_options
 from .evaluation import argmax, predict
 
 ALEXNET = json.loads(resources.files("tinymim.resources").joinpath("imagenet_c_alexnet_err.json").read_text())
@@ -74,8 +75,8 @@ class SubsetLogits(nn.Module):
         return self.model(x)[:, self.indices]
 
 
-def _loader(ds, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers)
+def _loader(ds, batch_size: int, workers: int | None) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, **loader_options(workers, persistent=False))
 
 
 def _top1_error(model: nn.Module, loader, device) -> float:
@@ -93,7 +94,7 @@ def eval_transform(input_size: int, resize: int | None):
 
 def evaluate_subset(model: nn.Module, root: str | os.PathLike, name: str, input_size: int = 224,
                     resize: int | None = 256, batch_size: int = 100, workers: int = 4,
-                    device: str | torch.device = "cpu") -> dict[str, Any]:
+                    device: str | torch.device | None = "auto") -> dict[str, Any]:
     """Top-1 (%) of a 1000-way model on ImageNet-A or -R (200 wnid folders), using the
     logits of those 200 classes; the transform is Resize(256) + CenterCrop(224)."""
     wnids, indices = subset_indices(name)
@@ -212,7 +213,7 @@ def write_corrupted_folder(src: str | os.PathLike, dst: str | os.PathLike, corru
 
 def errors_on_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
-                      seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+                      seed: int = 0, device: str | torch.device | None = "auto") -> dict[str, Any]:
     """Top-1 errors (fractions) of `model` on an in-memory uint8 N x 3 x H x W set: clean
     and every corruption x severity (generated and cached)."""
     def err(x: torch.Tensor) -> float:
@@ -227,7 +228,7 @@ def errors_on_tensors(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 def errors_on_imagenet_c(model: nn.Module, root: str | os.PathLike, corruptions: Sequence[str] = CORRUPTIONS,
                          severities: Sequence[int] = SEVERITIES, input_size: int = 224, resize: int | None = None,
                          batch_size: int = 100, workers: int = 4,
-                         device: str | torch.device = "cpu") -> dict[str, Any]:
+                         device: str | torch.device | None = "auto") -> dict[str, Any]:
     """Top-1 errors on the standard ImageNet-C folders (CenterCrop(224) only, as
     hendrycks' test script; `resize=256` reproduces AugMix's zoomed protocol)."""
     folders = imagenet_c_folders(root, corruptions, severities)  # fails before any compute
@@ -290,7 +291,7 @@ def corruption_metrics(errors: dict[str, dict[int, float]], clean_error: float |
 
 def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = None, imagenet_r: str | None = None,
                         imagenet_c: str | None = None, baseline_errors: dict | None = None,
-                        device: str | torch.device = "cpu") -> dict[str, Any]:
+                        device: str | torch.device | None = "auto") -> dict[str, Any]:
     """Everything that applies to `model` under `cfg`: ImageNet-A/R/C when their folders
     are given; on synthetic data, its "-C" version made from the first `cfg.num_images`
     val images (CE relative to `baseline_errors`, e.g. the scratch model's, when given)."""

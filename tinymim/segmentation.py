@@ -27,10 +27,19 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import engine
-from .checkpoints import CLASSIFIER_KEYS, atomic_save, atomic_write_json, load_encoder, open_checkpoint
-from .config import SegmentationConfig
+from .checkpoints import (
+    CLASSIFIER_KEYS,
+    CheckpointError,
+    atomic_save,
+    atomic_write_json,
+    load_encoder,
+    open_checkpoint,
+    read_checkpoint,
+)
+from .config import SegmentationConfig, config_from_dict
 from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, TensorBatches, resource_lines, synthetic
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .devices import resolve_device
 from .evaluation import confusion_matrix
 from .models import ModelSpec, build_model
 
@@ -162,6 +171,19 @@ def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
             extra_fc[0].load_state_dict({"weight": ckpt.state_dict["head.fc.weight"],
                                          "bias": ckpt.state_dict["head.fc.bias"]})
     return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, extra_fc, extra)
+
+
+def load_segmenter(path: str | os.PathLike) -> tuple[ViTUperNet, SegmentationConfig]:
+    """A trained segmenter (`train_segmentation`'s model.pth) and its config: rebuilt from
+    the recorded config (the backbone's head layout comes from its `pretrained` file), then
+    the trained weights."""
+    raw = read_checkpoint(path)
+    if not isinstance(raw.get("config"), dict) or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path}: not a tinymim segmenter (expected 'model' and 'config' entries)")
+    cfg = config_from_dict(raw["config"])
+    model = build_segmenter(cfg)
+    model.load_state_dict(raw["model"])
+    return model, cfg
 
 
 class SegmentationTask(nn.Module):
@@ -309,8 +331,9 @@ def segmentation_metrics(conf: torch.Tensor, class_names: Sequence[str] | None =
 
 @torch.no_grad()
 def evaluate_segmentation(model: ViTUperNet, cfg: SegmentationConfig, mode: str = "slide",
-                          device: str | torch.device = "cpu", limit: int | None = None) -> dict[str, Any]:
+                          device: str | torch.device | None = "auto", limit: int | None = None) -> dict[str, Any]:
     """mIoU on the synthetic val split or ADE20K `validation` (single scale)."""
+    device = resolve_device(device)
     model.eval().to(device)
     conf = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
     if cfg.data == "synthetic":
@@ -349,7 +372,7 @@ def evaluate_segmentation(model: ViTUperNet, cfg: SegmentationConfig, mode: str 
 
 
 def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, progress: bool = True,
-                       device: str | torch.device = "cpu") -> tuple[ViTUperNet, dict[str, Any]]:
+                       device: str | torch.device | None = "auto") -> tuple[ViTUperNet, dict[str, Any]]:
     """UperNet fine-tuning per `cfg`, then evaluation; writes model.pth and eval.json."""
     run_dir = Path(run_dir)
     if cfg.data != "synthetic":  # the validation split is checked before training, not after

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import derive_seed
+from ..devices import loader_options
 
 
 class TensorBatches:
@@ -68,13 +69,15 @@ class EpochSampler(Sampler[int]):
 class LoaderBatches:
     """Engine batches from a map-style dataset through a DataLoader (files on disk).
 
-    Each epoch's DataLoader gets its own generator seeded from (seed, epoch, rank), so
-    worker seeds never draw from -- and never perturb -- the training RNG that the
-    engine checkpoints. The sample order resumes exactly; the per-sample augmentation
-    after a mid-epoch resume can differ, because samples land on other workers.
+    One DataLoader per run, its workers kept alive across epochs (`devices.loader_options`:
+    pinned memory on GPU hosts, prefetch), so an ImageNet epoch boundary does not stall the
+    accelerator while workers restart. The workers' seeds come from a generator seeded by
+    (seed, first epoch, rank): they never draw from -- or perturb -- the training RNG the
+    engine checkpoints. The sample order resumes exactly; per-sample augmentation after a
+    resume can differ, because samples land on other (re-seeded) workers.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_workers: int = 0,
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, num_workers: int | None = 0,
                  rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world size {world_size}")
@@ -82,6 +85,7 @@ class LoaderBatches:
         self.per_rank = batch_size // world_size
         self.sampler = EpochSampler(len(dataset), seed, rank, world_size)
         self.steps = (len(dataset) // world_size) // self.per_rank
+        self.loader: DataLoader | None = None
         if self.steps == 0:
             raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch ({batch_size})")
 
@@ -89,7 +93,9 @@ class LoaderBatches:
         return self.steps
 
     def epoch(self, epoch: int, start: int = 0):
-        self.sampler.set_position(epoch, start * self.per_rank)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "workers", epoch, self.rank))
-        yield from DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
-                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), generator=g)
+        self.sampler.set_position(epoch, start * self.per_rank)  # read when the loader is iterated
+        if self.loader is None:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "workers", epoch, self.rank))
+            self.loader = DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
+                                     generator=g, **loader_options(self.num_workers))
+        yield from self.loader
