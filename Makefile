@@ -8,9 +8,18 @@ PY := .venv/bin/python
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: run test
+.PHONY: run test lab chromium
 run: .venv/.installed  ## the whole notebook pipeline on the built-in default (smoke, CPU)
 	$(PY) -m tinymim run --profile smoke
 
-test: .venv/.installed  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
+test: .venv/.installed chromium  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
 	$(PY) -m pytest tests --nbmake --nbmake-timeout=1800 notebooks -p no:cacheprovider
+
+lab: .venv/.installed  ## the notebooks in JupyterLab, with this kit's environment as the kernel
+	.venv/bin/jupyter lab notebooks
+
+# the real-browser test (tests/test_browser.py) drives Debian's chromium through Playwright
+chromium:
+	@command -v chromium >/dev/null || { \
+	  APT="$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -y -q"; \
+	  $$APT install chromium || { $$APT update && $$APT install chromium; }; }

@@ -89,6 +89,10 @@ class RunLayout:
         return self.root / "05_robustness"
 
     @property
+    def explore(self) -> Path:  # 06: the explorer's static maps and plots, the FiftyOne images
+        return self.root / "06_explore"
+
+    @property
     def baselines(self) -> Path:  # scratch runs shared by notebooks 01, 03 and 05
         return self.root / "baselines"
 

@@ -104,6 +104,26 @@ def plot_relations(models: dict[str, tuple[VisionTransformer, int]], image: torc
     return fig
 
 
+def plot_attention_statistics(stats: dict[str, dict[str, list[list[float]]]]):
+    """Mean attention distance and entropy per block (x: relative depth, so models of
+    different depths line up), one dot per head, the head mean as a line -- a model per
+    colour (`stats`: name -> `attention.attention_statistics`)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, label in ((axes[0], "distance", "mean attention distance (px)"), (axes[1], "entropy", "attention entropy (nats)")):
+        for i, (name, s) in enumerate(stats.items()):
+            depth = len(s[key])
+            xs = [(b + 1) / depth for b in range(depth)]
+            color = f"C{i}"
+            for x, heads in zip(xs, s[key]):
+                ax.scatter([x] * len(heads), heads, s=10, color=color, alpha=0.5)
+            ax.plot(xs, [sum(h) / len(h) for h in s[key]], color=color, label=f"{name} ({depth} blocks)")
+        ax.set_xlabel("block / depth")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_confusion(counts: torch.Tensor, class_names: Sequence[str], ax=None, title: str = ""):
     """Row-normalised confusion matrix (rows = true class)."""
     if ax is None:

@@ -1,0 +1,26 @@
+"""Run directories for tests that read one (explorer, FiftyOne, the browser test)."""
+
+import torch
+
+from tinymim import pipeline
+from tinymim.checkpoints import atomic_save, save_model
+from tinymim.config import get_config
+from tinymim.models import ModelSpec, build_model
+from tinymim.segmentation import build_segmenter
+
+
+def make_tiny_run(root) -> pipeline.RunLayout:
+    """A run directory as notebooks 01-04 leave it, with untrained micro models."""
+    run = pipeline.layout(root, "smoke")
+    torch.manual_seed(0)
+    run.models.mkdir(parents=True, exist_ok=True)
+    save_model(build_model(ModelSpec.create("micro_base")), run.teacher)
+    run.pretrain.mkdir(parents=True, exist_ok=True)
+    save_model(build_model(ModelSpec.create("micro_tiny", last_heads=6)), run.student)
+    for folder in (run.finetune / "distilled-s0", run.baselines / "micro_tiny-scratch-abc123"):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), folder / "model.pth")
+    cfg = get_config("segmentation", profile="smoke")
+    run.segmentation.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": build_segmenter(cfg).state_dict(), "config": cfg.to_dict()}, run.segmentation / "model.pth")
+    return run
