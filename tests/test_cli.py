@@ -106,6 +106,15 @@ def test_robustness(classifier, capsys):
                                                         for s in res["errors"][c]) / 4)
 
 
+def test_report(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text(json.dumps({"01_models": {"teacher_probe_top1": 22.0,
+                                                                     "random_init_probe_top1": 15.0}}))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "REPORT.md" in capsys.readouterr().out
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "22.0 % against 15.0 %" in md and "| MAE ViT-B |" in md
+
+
 DOCTOR_TRAIN_KEYS = {"stage", "model", "teacher", "input_size", "device", "precision", "micro_batch", "images_per_s",
                      "peak_mem_gib", "paper_batch", "devices", "micro_batch_size", "accum_steps", "paper_images",
                      "est_hours_paper_schedule"}

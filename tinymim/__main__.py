@@ -162,6 +162,13 @@ def cmd_robustness(args: argparse.Namespace) -> None:
                                          device=device), indent=2))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .reports import render_report
+
+    paths = render_report(args.runs, args.out)
+    print(f"report: {paths['markdown']} and {paths['html']}")
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     from .doctor import run_doctor
 
@@ -177,6 +184,12 @@ def cmd_check_data(args: argparse.Namespace) -> None:
     print(f"{n} images checked, {len(bad)} unreadable")
     if bad:
         raise DataError(f"{args.root}: {len(bad)} of {n} images cannot be read (listed above)")
+
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run directories (seeds of one config are averaged; other configs side by side)")
+    p.add_argument("--out", default=None, help="where REPORT.md, report.html and figures/ go "
+                                               "(default: the run directory; ./report for several)")
 
 
 def _args_doctor(p: argparse.ArgumentParser) -> None:
@@ -249,6 +262,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
                 lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
+    "report": ("REPORT.md + self-contained report.html of run directories, next to the paper's numbers",
+               _args_report, cmd_report),
     "doctor": ("environment, then images/s, memory and paper-schedule estimates of every stage on this host",
                _args_doctor, cmd_doctor),
     "check-data": ("open every image under a folder and list the unreadable ones", _args_check_data, cmd_check_data),

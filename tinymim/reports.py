@@ -49,3 +49,408 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---------------------------------------------------------------------------------
+# report tables: a run directory (or several) -> REPORT.md + a self-contained report.html
+
+NOT_RUN = "not run"
+
+
+def _resource(name: str) -> Any:
+    from importlib import resources
+
+    return json.loads(resources.files("tinymim.resources").joinpath(name).read_text())
+
+
+def _fmt(value: float | None, std: float | None = None, n: int = 1) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f} ± {std:.1f}" if std is not None and n > 1 else f"{value:.1f}"
+
+
+def _data_name(cfg: dict[str, Any] | None) -> str:
+    if not cfg:
+        return "?"
+    return "synthetic" if cfg.get("data") == "synthetic" else f"folders at {cfg['data']}"
+
+
+def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model a run produced (the distilled student and the scratch baseline,
+    fine-tuned), with the numbers it measured and, for each gap, why it is a gap. Keys:
+    model, source, top1, mIoU, imagenet_a, imagenet_r, imagenet_c_mCE, c_mean_error
+    (each a (mean, std, n) tuple or a reason string)."""
+    ft, seg, rob = metrics.get("03_finetune"), metrics.get("04_segmentation"), metrics.get("05_robustness")
+    pre = metrics.get("02_distill_pretrain") or {}
+    cfg = (ft or {}).get("config") or (seg or {}).get("config") or pre.get("config")
+    synthetic = bool(cfg) and cfg.get("data") == "synthetic"
+    model = (ft or seg or {}).get("model") or pre.get("student") or "student"
+    source = f"{cfg['profile']} · {_data_name(cfg)} · {model}" if cfg else "this run"
+    rows = []
+    for arm in ("distilled", "scratch"):
+        if ft is not None and f"{arm}_top1_mean" not in ft:
+            continue
+        row: dict[str, Any] = {"model": f"{arm} {model}" + (" (TinyMIM)" if arm == "distilled" else ""),
+                               "source": source}
+        row["top1"] = ((ft[f"{arm}_top1_mean"], ft[f"{arm}_top1_std"], len(ft.get("seeds", [0])))
+                       if ft else "03 not run")
+        if arm == "distilled":
+            row["mIoU"] = (seg["mIoU"], None, 1) if seg else "04 not run"
+        else:
+            row["mIoU"] = "not segmented (04 segments the distilled student)"
+        robust = {r["model"]: r for r in (rob or {}).get("summary", [])}.get(arm)
+        for key, name in (("imagenet_a", "imagenet_a top-1"), ("imagenet_r", "imagenet_r top-1")):
+            if robust is None:
+                row[key] = "05 not run" if rob is None else "model not evaluated"
+            elif name in robust:
+                row[key] = (robust[name], None, 1)
+            else:
+                row[key] = "no such data for synthetic classes" if synthetic else "dataset not given"
+        if robust is not None and "imagenet_c mCE" in robust:
+            row["imagenet_c_mCE"] = (robust["imagenet_c mCE"], None, 1)
+            row["c_mean_error"] = (robust["imagenet_c mean_error"], None, 1)
+        elif robust is not None and "synthetic_c mean_error" in robust:
+            row["imagenet_c_mCE"] = "synthetic-C: no AlexNet reference (relative CE in 05)"
+            row["c_mean_error"] = (robust["synthetic_c mean_error"], None, 1)
+        else:
+            row["imagenet_c_mCE"] = row["c_mean_error"] = "05 not run" if rob is None else "dataset not given"
+        rows.append(row)
+    return rows
+
+
+RESULT_COLUMNS = [("top1", "top-1 (%)"), ("mIoU", "seg. mIoU (%)"), ("imagenet_a", "IN-A top-1"),
+                  ("imagenet_r", "IN-R top-1"), ("imagenet_c_mCE", "IN-C mCE"), ("c_mean_error", "-C mean err. (%)")]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple):
+        return _fmt(*value)
+    return f"— ({value})" if value else "—"
+
+
+def results_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the paper's rows (marked `paper`), then the run's (marked with profile,
+    data and model). A paper cell only ever holds a published number, a run cell only a
+    measured one."""
+    paper = _resource("paper_results.json")
+    head = ["model", "source", *[name for _, name in RESULT_COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in paper["rows"]:
+        cells = [_fmt(r["top1"]), _fmt(r["mIoU"]), _fmt(r["imagenet_a"]), _fmt(r["imagenet_r"]),
+                 _fmt(r["imagenet_c"]) + (" (as published)" if r["imagenet_c"] is not None else ""), "—"]
+        lines.append(f"| {r['model']} | paper · ImageNet-1K / ADE20K | " + " | ".join(cells) + " |")
+    for r in rows:
+        lines.append(f"| **{r['model']}** | {r['source']} | " + " | ".join(_cell(r.get(k)) for k, _ in RESULT_COLUMNS) + " |")
+    return lines
+
+
+# (table, paper key, config field): supplementary Tables 1-3, in their order
+HYPERPARAMETERS = {
+    "pretrain": ("Table 1 · distillation pre-training", "table1_pretrain", [
+        ("pretraining_epochs", "epochs"), ("batch_size", "batch_size"), ("adam_eps", "eps"), ("adam_betas", "betas"),
+        ("peak_lr", "lr"), ("base_lr_per_256", "blr"), ("min_lr", "min_lr"), ("lr_schedule", "schedule"),
+        ("warmup_epochs", "warmup_epochs"), ("stochastic_depth", "drop_path"), ("weight_decay", "weight_decay"),
+        ("input_resolution", "input_size"), ("color_jitter_student_only", "color_jitter")]),
+    "finetune": ("Table 2 · ImageNet-1K fine-tuning", "table2_finetune", [
+        ("peak_lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("layer_decay", "layer_decay"),
+        ("stochastic_depth", "drop_path"), ("warmup_epochs", "warmup_epochs"), ("adam_eps", "eps"),
+        ("adam_betas", "betas"), ("lr_schedule", "schedule"), ("weight_decay", "weight_decay"),
+        ("label_smoothing", "label_smoothing"), ("gradient_clipping", "clip_grad"), ("random_erasing", "reprob"),
+        ("input_resolution", "input_size"), ("rand_augment", "rand_augment"), ("mixup", "mixup"), ("cutmix", "cutmix")]),
+    "segmentation": ("Table 3 · ADE20K UperNet", "table3_segmentation", [
+        ("input_resolution", "input_size"), ("peak_lr", "lr"), ("steps", "steps"), ("batch_size", "batch_size"),
+        ("adam_eps", "eps"), ("adam_betas", "betas"), ("layer_decay", "layer_decay"), ("min_lr", "min_lr"),
+        ("lr_schedule", "schedule"), ("warmup_steps", "warmup_steps"), ("stochastic_depth", "drop_path"),
+        ("weight_decay", "weight_decay")]),
+}
+_SCHEDULED = {"epochs": "steps", "warmup_epochs": "warmup_steps"}  # a step count set instead of epochs
+
+
+def _used(cfg: dict[str, Any], field: str) -> Any:
+    if field in _SCHEDULED and cfg.get(_SCHEDULED[field]) is not None:
+        return f"{cfg[_SCHEDULED[field]]} steps"
+    if field == "rand_augment":
+        import re
+
+        m = re.search(r"m(\d+)-mstd([\d.]+)", cfg.get(field) or "")
+        return f"{m[1]}/{m[2]}" if m else "none"
+    value = cfg.get(field)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _same(paper: Any, used: Any) -> bool:
+    if isinstance(paper, list) and paper and not isinstance(paper[0], list) and not isinstance(used, list):
+        return any(_same(p, used) for p in paper)  # one of the paper's choices
+    if isinstance(paper, float) or isinstance(used, float):
+        return isinstance(used, (int, float)) and isinstance(paper, (int, float)) and math.isclose(paper, used, rel_tol=1e-6)
+    return paper == used
+
+
+def _paper_value(table: dict[str, Any], model: str, key: str) -> Any:
+    for part in (table.get(model, {}), table.get("all", {})):
+        if key in part:
+            return part[key]
+    return None
+
+
+def paper_counterpart(model: str) -> str:
+    """The paper model a run's model is compared with: itself, or for a smoke micro ViT the
+    paper's default student, ViT-S."""
+    return model if model.startswith(("vit_", "tinymim_")) else "vit_small"
+
+
+def hyperparameter_rows(stage: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The hyper-parameters a stage used, in its supplementary table's order, each with the
+    paper's value and, where they differ, why."""
+    from .config import get_config
+
+    _, key, fields = HYPERPARAMETERS[stage]
+    table = _resource("paper_tables.json")[key]
+    model = paper_counterpart(cfg.get("model", ""))
+    preset = None
+    try:
+        preset = get_config(stage, cfg.get("model"), cfg.get("profile", "smoke")).to_dict()
+    except Exception:  # noqa: BLE001 -- a model without a preset of that profile: nothing to compare with
+        preset = None
+    rows = []
+    for paper_key, field in fields:
+        paper = _paper_value(table, model, paper_key)
+        used = _used(cfg, field)
+        same = paper is not None and _same(paper, used)
+        if same:
+            why = f"one of the paper's {paper}" if isinstance(paper, list) and not isinstance(used, list) else ""
+        elif paper is None:
+            why = f"the paper gives no value for {model}" if model else "the paper gives no value"
+        elif preset is not None and _used(preset, field) != used:
+            why = f"override (the {cfg.get('profile')} preset has {_used(preset, field)})"
+        elif cfg.get("profile") == "smoke":
+            why = "smoke profile: micro ViT, synthetic data, CPU minutes"
+        else:
+            why = "kit default (README: where the kit follows the paper over the official code)"
+        rows.append({"hyper-parameter": paper_key, "paper": "—" if paper is None else paper, "used": used,
+                     "differs": not same, "why": why})
+    return rows
+
+
+def hyperparameter_tables(metrics: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for stage, section in (("pretrain", "02_distill_pretrain"), ("finetune", "03_finetune"),
+                           ("segmentation", "04_segmentation")):
+        title = HYPERPARAMETERS[stage][0]
+        cfg = metrics.get(section, {}).get("config")
+        lines += ["", f"### {title}", ""]
+        if cfg is None:
+            lines.append(f"— ({section} {'recorded no config' if section in metrics else 'not run'})")
+            continue
+        lines += [f"`{cfg.get('model')}`, profile `{cfg.get('profile')}`, data `{cfg.get('data')}`; paper column: "
+                  f"`{paper_counterpart(cfg.get('model', ''))}`. Rows in **bold** differ from the paper.", "",
+                  "| hyper-parameter | paper | used | why it differs |", "|---|---|---|---|"]
+        for r in hyperparameter_rows(stage, cfg):
+            name = f"**{r['hyper-parameter']}**" if r["differs"] else r["hyper-parameter"]
+            used = f"**{r['used']}**" if r["differs"] else r["used"]
+            lines.append(f"| {name} | {r['paper']} | {used} | {r['why']} |")
+    return lines
+
+
+def findings(metrics: dict[str, Any]) -> list[str]:
+    """Plain sentences, each computed from numbers in the tables above (nothing else)."""
+    out = []
+    ft = metrics.get("03_finetune")
+    if ft and "margin_top1_mean" in ft:
+        m, s, n = ft["margin_top1_mean"], ft["margin_top1_std"], len(ft.get("seeds", [0]))
+        d, sc = ft["distilled_top1_mean"], ft["scratch_top1_mean"]
+        data = _data_name(ft.get("config"))
+        if n > 1 and abs(m) <= 2 * s:
+            verdict = f"differs from the from-scratch one by {m:+.1f} ± {s:.1f} points top-1, within two standard deviations"
+        else:
+            verdict = f"{'beats' if m > 0 else 'trails'} the from-scratch one by {abs(m):.1f}" + (
+                f" ± {s:.1f}" if n > 1 else "") + " points top-1"
+        out.append(f"The distilled {ft.get('model')} {verdict} ({d:.1f} vs {sc:.1f} %, {data} data, "
+                   f"{n} seed{'s' if n > 1 else ''}, {ft.get('labelled_images') or 'all'} labelled images).")
+    mod = metrics.get("01_models", {})
+    if "teacher_probe_top1" in mod:
+        t, r = mod["teacher_probe_top1"], mod["random_init_probe_top1"]
+        out.append(f"The MAE teacher's linear probe reaches {t:.1f} % against {r:.1f} % for a randomly initialised "
+                   f"ViT of its size ({t - r:+.1f} points): {'pre-training learned features' if t > r else 'no gain from pre-training'}.")
+    seg = metrics.get("04_segmentation")
+    if seg:
+        out.append(f"UperNet on the distilled {seg.get('model')} reaches {seg['mIoU']:.1f} mIoU against "
+                   f"{seg['majority_class_mIoU']:.1f} for labelling every pixel with the majority class.")
+    rob = {r["model"]: r for r in metrics.get("05_robustness", {}).get("summary", [])}
+    key = next((k for k in ("imagenet_c mean_error", "synthetic_c mean_error") if k in rob.get("distilled", {})), None)
+    if key and key in rob.get("scratch", {}):
+        d, s = rob["distilled"][key], rob["scratch"][key]
+        out.append(f"Under {key.split()[0].replace('_', '-')} corruptions the distilled model's mean top-1 error is "
+                   f"{d:.1f} % against {s:.1f} % from scratch ({d - s:+.1f} points).")
+    pre = metrics.get("02_distill_pretrain")
+    if pre:
+        out.append(f"Distillation ({pre['student']} from {pre['teacher']} block {pre['teacher_block']}) lowered the "
+                   f"relation loss from {pre['loss_first']:.3f} to {pre['loss_last']:.3f} in {pre['steps']} steps "
+                   f"({pre['imgs_per_s']:.0f} images/s).")
+    return out
+
+
+def _environment(run_dir: Path) -> tuple[list[str], list[str]]:
+    """(environment lines, cost table lines) from runner.json, which the runner writes."""
+    state_path = run_dir / "runner.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    env = state.get("environment")
+    lines = []
+    if env:
+        dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+        gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or f"CPU only ({env.get('cpus')} cores)"
+        lines = [f"- commit `{env.get('git_commit') or 'unknown'}`{dirty}",
+                 f"- torch {env.get('torch')}, timm {env.get('timm')}, CUDA {env.get('cuda') or '—'}, "
+                 f"Python {env.get('python')}",
+                 f"- devices: {gpus}; bf16 on the CPU: {'native' if env.get('cpu_native_bf16') else 'emulated (fp32 used)'}"]
+    else:
+        lines = ["- — (no environment record: the run was not made by `tinymim run`)"]
+    cost = ["| notebook | wall time (s) | status |", "|---|---|---|"]
+    for name, s in sorted((k, v) for k, v in state.items() if isinstance(v, dict) and "status" in v):
+        cost.append(f"| {name} | {s.get('seconds', '—')} | {s['status']} |")
+    return lines, cost
+
+
+def _curves(run_dir: Path, out: Path) -> Path | None:
+    """Every training log of the run (metrics.jsonl), one loss curve per run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .engine import read_metrics
+
+    logs = sorted(p.parent for p in run_dir.rglob("metrics.jsonl"))
+    if not logs:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for folder in logs:
+        records = read_metrics(folder)
+        if records:
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], label=str(folder.relative_to(run_dir)))
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out / "figures" / "loss_curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _figures(run_dir: Path, out: Path) -> list[Path]:
+    """The notebooks' figures (each stage folder's PNGs), copied next to the report."""
+    import shutil
+
+    copied = []
+    for png in sorted(run_dir.glob("0[0-9]_*/*.png")):
+        dest = out / "figures" / f"{png.parent.name}-{png.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.resolve() != png.resolve():
+            shutil.copy2(png, dest)
+        copied.append(dest)
+    return copied
+
+
+def _stats(values: list[float]) -> tuple[float, float | None, int]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def _group_key(metrics: dict[str, Any]) -> str:
+    """Runs that differ only in their seeds belong together."""
+    configs = {s: {k: v for k, v in (metrics.get(s, {}).get("config") or {}).items() if k not in ("seed", "pretrained",
+               "teacher_path")} for s in ("02_distill_pretrain", "03_finetune", "04_segmentation")}
+    return json.dumps(configs, sort_keys=True, default=str)
+
+
+COMPARED = [("03_finetune", "distilled_top1_mean", "distilled top-1 (%)"),
+            ("03_finetune", "scratch_top1_mean", "scratch top-1 (%)"),
+            ("03_finetune", "margin_top1_mean", "distilled − scratch (points)"),
+            ("04_segmentation", "mIoU", "segmentation mIoU (%)"),
+            ("01_models", "teacher_probe_top1", "teacher linear probe (%)")]
+
+
+def comparison_table(runs: list[Path]) -> list[str]:
+    """Several runs side by side: runs that differ only in seeds are one column (mean ±
+    std over them), runs with different configs are different columns."""
+    groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for run in runs:
+        m = load_metrics(run)
+        groups.setdefault(_group_key(m), []).append((run, m))
+    names = [" + ".join(p.name for p, _ in members) for members in groups.values()]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for section, key, label in COMPARED:
+        cells = []
+        for members in groups.values():
+            values = [m[section][key] for _, m in members if m.get(section, {}).get(key) is not None]
+            cells.append(_fmt(*_stats(values)) + (f" (n={len(values)})" if len(values) > 1 else "") if values
+                         else f"— ({section} not run)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(runs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> dict[str, Path]:
+    """REPORT.md and a self-contained report.html (figures embedded, no external reference)
+    for one run directory, or several side by side; written to `out` (default: the single
+    run directory, else ./report)."""
+    run_dirs = [Path(r) for r in runs]
+    missing = [str(r) for r in run_dirs if not (r / "metrics.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no metrics.json in {missing}: run the notebooks into it first (tinymim run --out DIR)")
+    out = Path(out) if out else (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    first = run_dirs[0]
+    metrics = load_metrics(first)
+    paper = _resource("paper_results.json")
+    md = ["# TinyMIM reproduction report", "",
+          f"Run{'s' if len(run_dirs) > 1 else ''}: " + ", ".join(f"`{r}`" for r in run_dirs) + ". "
+          "Every run number below was measured by this run and recorded in its `metrics.json`; a gap says why.", ""]
+    if len(run_dirs) > 1:
+        md += ["## Runs side by side", "", *comparison_table(run_dirs), ""]
+    md += ["## Results next to the paper", "",
+           "Columns: classification top-1 on the run's validation data (ImageNet-1K for the paper), UperNet mIoU "
+           "(ADE20K), ImageNet-A/R top-1 on their 200 classes, ImageNet-C mCE (AlexNet-normalised corruption error, "
+           "averaged over 15 corruptions) and the plain mean top-1 error under corruption. "
+           f"Paper rows: {paper['source']}", "", *results_table(run_results(metrics)), "",
+           "## Findings", "", *([f"- {f}" for f in findings(metrics)] or ["- — (no finished stage yet)"]), "",
+           "## Hyper-parameters used, in the layout of supplementary Tables 1-3", *hyperparameter_tables(metrics), ""]
+    env, cost = _environment(first)
+    md += ["## Environment and cost", "", *env, "", *cost, ""]
+    throughput = metrics.get("02_distill_pretrain", {}).get("imgs_per_s")
+    if throughput:
+        md.append(f"Distillation throughput: {throughput:.0f} images/s. Peak memory: not measured on a CPU run "
+                  "(`tinymim doctor` measures it on GPUs).")
+    figures = [p for p in (_curves(first, out), *_figures(first, out)) if p is not None]
+    md += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
+    text = "\n".join(md) + "\n"
+    report_md = out / "REPORT.md"
+    atomic_write(report_md, lambda f: f.write(text.encode()))
+    report_html = out / "report.html"
+    html = _html(text, out)
+    atomic_write(report_html, lambda f: f.write(html.encode()))
+    return {"markdown": report_md, "html": report_html}
+
+
+def _html(markdown_text: str, out: Path) -> str:
+    """The Markdown as one HTML file: figures inlined as data URIs, the style inline."""
+    import base64
+    import re
+
+    import mistune
+
+    body = mistune.create_markdown(plugins=["table"])(markdown_text)
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((out / match[1]).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 3px}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>TinyMIM report</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>")

@@ -73,6 +73,21 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(state, indent=2).encode()))
 
 
+def _git_state() -> dict[str, Any]:
+    """The commit this kit ran from, and whether it had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None}
+
+
 def run(
     profile: str = "smoke",
     out: str | os.PathLike | None = None,
@@ -93,6 +108,10 @@ def run(
     key = _params_key(params)
     result = RunResult(run_dir)
     (run_dir / "notebooks").mkdir(exist_ok=True)
+    from .devices import environment
+
+    state["environment"] = {**environment(), **_git_state()}  # what the report states about this run
+    _write_state(state_path, state)
     for nb in list_notebooks(notebooks_dir, only):
         done = state.get(nb.stem, {})
         if done.get("status") == "completed" and done.get("params") == key:
