@@ -17,8 +17,8 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
-
 from runs import make_tiny_run
+
 from tinymim.runner import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
