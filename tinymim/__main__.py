@@ -162,6 +162,19 @@ def cmd_robustness(args: argparse.Namespace) -> None:
                                          device=device), indent=2))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    if args.what == "distill":
+        record = bench.bench_distill(args.student, args.teacher, args.batch, args.steps, args.precision, args.compile,
+                                     args.device)
+    elif args.what == "finetune":
+        record = bench.bench_finetune(args.student, args.batch, args.steps, args.precision, args.device)
+    else:
+        record = bench.bench_eval(args.student, args.batch, args.steps, args.device)
+    print(json.dumps(record))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .reports import render_report
 
@@ -184,6 +197,18 @@ def cmd_check_data(args: argparse.Namespace) -> None:
     print(f"{n} images checked, {len(bad)} unreadable")
     if bad:
         raise DataError(f"{args.root}: {len(bad)} of {n} images cannot be read (listed above)")
+
+
+def _args_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["distill", "finetune", "eval"])
+    p.add_argument("--student", default="vit_tiny", help="the student (distill) or the model (finetune, eval)")
+    p.add_argument("--teacher", default="vit_base")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (median reported)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="default: what amp=auto picks on this device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the default path's forward")
+    _device(p)
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:
@@ -262,6 +287,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
                 lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
+    "bench": ("images/s, FLOPs and %% of the measured matmul peak of a step, against the released formulation",
+              _args_bench, cmd_bench),
     "report": ("REPORT.md + self-contained report.html of run directories, next to the paper's numbers",
                _args_report, cmd_report),
     "doctor": ("environment, then images/s, memory and paper-schedule estimates of every stage on this host",

@@ -71,7 +71,7 @@ def _fmt(value: float | None, std: float | None = None, n: int = 1) -> str:
 
 def _data_name(cfg: dict[str, Any] | None) -> str:
     if not cfg:
-        return "?"
+        return "unrecorded"
     return "synthetic" if cfg.get("data") == "synthetic" else f"folders at {cfg['data']}"
 
 
@@ -110,7 +110,7 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             row["imagenet_c_mCE"] = (robust["imagenet_c mCE"], None, 1)
             row["c_mean_error"] = (robust["imagenet_c mean_error"], None, 1)
         elif robust is not None and "synthetic_c mean_error" in robust:
-            row["imagenet_c_mCE"] = "synthetic-C: no AlexNet reference (relative CE in 05)"
+            row["imagenet_c_mCE"] = "synthetic-C has no AlexNet reference; relative CE in 05"
             row["c_mean_error"] = (robust["synthetic_c mean_error"], None, 1)
         else:
             row["imagenet_c_mCE"] = row["c_mean_error"] = "05 not run" if rob is None else "dataset not given"
@@ -280,7 +280,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     key = next((k for k in ("imagenet_c mean_error", "synthetic_c mean_error") if k in rob.get("distilled", {})), None)
     if key and key in rob.get("scratch", {}):
         d, s = rob["distilled"][key], rob["scratch"][key]
-        out.append(f"Under {key.split()[0].replace('_', '-')} corruptions the distilled model's mean top-1 error is "
+        out.append(f"Under {'ImageNet-C' if key.startswith('imagenet') else 'synthetic-C'} corruptions the distilled model's mean top-1 error is "
                    f"{d:.1f} % against {s:.1f} % from scratch ({d - s:+.1f} points).")
     pre = metrics.get("02_distill_pretrain")
     if pre:

@@ -1,0 +1,54 @@
+"""The benchmark's machinery on micro models: both paths compute the same loss, FLOPs are
+counted, the reference does the extra work the default path skips, kernels agree."""
+
+import pytest
+import torch
+
+from tinymim import bench
+from tinymim.__main__ import main
+from tinymim.models import ModelSpec, build_model, choose_attention_kernel, set_fused_attention
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distill_bench_paths_agree_and_ratios_are_reported(precision):
+    r = bench.bench_distill("micro_tiny", "micro_base", batch=8, steps=2, precision=precision, device="cpu")
+    assert r["loss_parity"], (r["loss"], r["reference_loss"])
+    if precision == "fp32":
+        assert r["loss"] == pytest.approx(r["reference_loss"], abs=1e-5)
+    # the reference runs the teacher's whole target block and the student's last MLP: more work
+    assert r["reference"]["gflops_per_image"] > r["gflops_per_image"] > 0
+    assert r["speedup"] == pytest.approx(r["images_per_s"] / r["reference"]["images_per_s_fp32"], rel=0.01)
+    assert r["speedup_same_precision"] == pytest.approx(
+        r["images_per_s"] / r["reference"]["images_per_s_same_precision"], rel=0.01)
+    assert 0 < r["pct_of_peak"] and r["attention"] in ("sdpa", "math") and r["precision"] == precision
+
+
+def test_flops_are_counted_not_assumed():
+    model = build_model(ModelSpec.create("vit_tiny"))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        flops = bench.count_flops(lambda: model(x), [model])
+    assert flops / 1e9 == pytest.approx(2.5, rel=0.05)  # ViT-T/16: 1.26 GMACs at 224 px
+
+
+def test_both_attention_kernels_compute_the_same_and_the_choice_is_applied():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.create("micro_tiny")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for fused in (True, False):
+        set_fused_attention(model, fused)
+        outs.append(model.forward_features(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    name = choose_attention_kernel([model], torch.device("cpu"), None, batch=2)
+    assert {blk.attn.fused_attn for blk in model.blocks} == {name == "sdpa"}
+
+
+def test_bench_command_prints_one_json_record(capsys):
+    import json
+
+    assert main(["bench", "eval", "--student", "micro_tiny", "--batch", "8", "--steps", "1", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["bench"] == "eval" and record["images_per_s"] > 0 and record["gflops_per_image"] > 0
+    assert main(["bench", "finetune", "--student", "micro_tiny", "--batch", "4", "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["bench"] == "finetune"
