@@ -368,7 +368,7 @@ def _smoke(stage: str, model: str) -> dict[str, Any]:
                              drop_path=0.1, teacher="micro_base", color_jitter=0.4, crop_scale=(0.35, 1.0))
     if stage == "finetune":
         # scarce labels, where pre-training can matter (measured over 3 seeds): 2 000 labels of the
-        # 20 000-image pool, 800 steps: scratch 24.1 +- 1.5 %, distilled 30.5 +- 0.3 % (scratch has
+        # 20 000-image pool, 800 steps: scratch 24.1 +- 1.5 %, distilled 30.4 +- 0.3 % (scratch has
         # converged: 23.6 at 1 600 steps, seed 0); 1 000 labels, 600 steps: 15.7 vs 26.1; all
         # 5 000, 1 500 steps (one seed): scratch 40.8 vs distilled 40.3
         return common | dict(batch_size=128, lr=1e-3, steps=800, warmup_steps=100, data_limit=2000, layer_decay=0.75,

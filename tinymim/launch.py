@@ -105,32 +105,36 @@ def _forward(segment: str, bar: Any, log: Callable[[str], None]) -> None:
         log(rest)
 
 
-def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, progress: bool = True,
-             torchrun_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-    """`torchrun [torchrun_args | --standalone] --nproc_per_node N -m tinymim ARGS` with its
-    output streamed as it comes: rank 0's training bar drives a tqdm bar here (a widget in
-    a notebook), other lines go to `log`. Raises LaunchFailed naming the first failing
-    rank and its `error (rank N):` line (`tinymim`'s one-line errors)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *(torchrun_args or ["--standalone"]),
-           "--nproc_per_node", str(nproc), "-m", "tinymim", *args]
-    child_env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"} | (env or {})
+def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, progress: bool = True) -> None:
+    """`torchrun --standalone --nproc_per_node N -m tinymim ARGS` with its output streamed
+    as it comes: rank 0's training bar drives a tqdm bar here (a widget in a notebook),
+    other lines go to `log`. Raises LaunchFailed naming the first failing rank and its
+    `error (rank N):` line (`tinymim`'s one-line errors). Interrupting the caller (a
+    notebook's stop button) stops the ranks; the run resumes from its checkpoint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tinymim", *args]
+    child_env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"}
     errors: dict[int, str] = {}
     tail: list[str] = []
     bar = tqdm(total=0, desc=f"{args[0]} x{nproc}", disable=not progress)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env) as proc:
         assert proc.stdout is not None
         buffer = b""
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            *pieces, buffer = re.split(rb"[\r\n]", buffer + chunk)
-            for raw in pieces:
-                segment = raw.decode(errors="replace").rstrip()
-                if not segment.strip():
-                    continue
-                if match := _ERROR.match(segment):
-                    errors.setdefault(int(match["rank"]), match["message"])
-                tail = (tail + [segment])[-20:]
-                if not errors or match:  # after a rank's error, torchrun's own traceback adds nothing
-                    _forward(segment, bar, log)
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                *pieces, buffer = re.split(rb"[\r\n]", buffer + chunk)
+                for raw in pieces:
+                    segment = raw.decode(errors="replace").rstrip()
+                    if not segment.strip():
+                        continue
+                    if match := _ERROR.match(segment):
+                        errors.setdefault(int(match["rank"]), match["message"])
+                    tail = (tail + [segment])[-20:]
+                    if not errors or match:  # after a rank's error, torchrun's own traceback adds nothing
+                        _forward(segment, bar, log)
+        except KeyboardInterrupt:
+            proc.terminate()  # torchrun passes SIGTERM on to the ranks
+            raise
         proc.wait()
     bar.close()
     if proc.returncode:
