@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tinymim import bench
-from tinymim.__main__ import main
 from tinymim.models import ModelSpec, build_model, choose_attention_kernel, set_fused_attention
 
 
@@ -42,13 +41,3 @@ def test_both_attention_kernels_compute_the_same_and_the_choice_is_applied():
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     name = choose_attention_kernel([model], torch.device("cpu"), None, batch=2)
     assert {blk.attn.fused_attn for blk in model.blocks} == {name == "sdpa"}
-
-
-def test_bench_command_prints_one_json_record(capsys):
-    import json
-
-    assert main(["bench", "eval", "--student", "micro_tiny", "--batch", "8", "--steps", "1", "--device", "cpu"]) == 0
-    record = json.loads(capsys.readouterr().out)
-    assert record["bench"] == "eval" and record["images_per_s"] > 0 and record["gflops_per_image"] > 0
-    assert main(["bench", "finetune", "--student", "micro_tiny", "--batch", "4", "--steps", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["bench"] == "finetune"

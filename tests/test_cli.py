@@ -106,6 +106,14 @@ def test_robustness(classifier, capsys):
                                                         for s in res["errors"][c]) / 4)
 
 
+def test_bench(capsys):
+    assert main(["bench", "eval", "--student", "micro_tiny", "--batch", "8", "--steps", "1", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["bench"] == "eval" and record["images_per_s"] > 0 and record["gflops_per_image"] > 0
+    assert main(["bench", "finetune", "--student", "micro_tiny", "--batch", "4", "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["bench"] == "finetune"
+
+
 def test_report(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text(json.dumps({"01_models": {"teacher_probe_top1": 22.0,
                                                                      "random_init_probe_top1": 15.0}}))

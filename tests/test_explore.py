@@ -145,9 +145,9 @@ def test_explorer_on_given_models_and_images():
 
 def test_fiftyone_dataset_of_a_run(tiny_run):
     fo = pytest.importorskip("fiftyone")
-    summary = explore.build_fiftyone(tiny_run.root, num_images=12, corrupted_images=2)
+    summary = explore.build_fiftyone(tiny_run.root, num_images=12, corrupted_images=1)
     corruptions = len(get_config("robustness", profile="smoke").corruptions)
-    assert summary["samples"] == 12 + 2 * corruptions
+    assert summary["samples"] == 12 + corruptions
     ds = fo.load_dataset(summary["dataset"])
     fields = set(ds.get_field_schema())
     assert {"ground_truth", "gt_mask", "pred_distilled_s0", "top5_distilled_s0", "pred_scratch_abc123",
@@ -160,7 +160,7 @@ def test_fiftyone_dataset_of_a_run(tiny_run):
     hits = sum(s["pred_distilled_s0"].label == s["ground_truth"].label for s in clean)
     assert acc == pytest.approx(100 * hits / 12)
     assert {"misclassified_distilled_s0", "distilled_vs_scratch", "hardest_corruption"} <= set(summary["views"])
-    again = explore.build_fiftyone(tiny_run.root, num_images=12, corrupted_images=2)
+    again = explore.build_fiftyone(tiny_run.root, num_images=12, corrupted_images=1)
     assert fo.list_datasets().count(again["dataset"]) == 1 and len(fo.load_dataset(again["dataset"])) == summary["samples"]
     fo.delete_dataset(again["dataset"])
 
