@@ -94,6 +94,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"run directory: {result.run_dir}")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from .runner import run
+    from .study import BUDGETS, default_out, select_arms
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds: expected at least 1, got {args.seeds}")
+    only = args.only.split(",") if args.only else None
+    select_arms(only)  # an unknown row fails here, before the notebook starts
+    if args.budget not in BUDGETS:
+        raise ValueError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
+    out = args.out or default_out(args.budget)
+    params = {"seeds": list(range(args.seeds)), "only": only, "budget": args.budget, "device": args.device or "auto"}
+    result = run("smoke", out, ["08"], parameters=params)
+    print(f"study: {result.run_dir / 'REPORT.md'} (executed notebook: {result.run_dir / 'notebooks'})")
+
+
 def cmd_mae(args: argparse.Namespace) -> None:
     from .engine import setup_distributed
     from .mae import pretrain_mae
@@ -249,6 +265,15 @@ def _args_run(p: argparse.ArgumentParser) -> None:
                    help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
 
 
+def _args_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
+    p.add_argument("--only", default=None, help="comma-separated rows a-i (default: all; scratch and the "
+                                               "teacher always run, and what each row is compared with)")
+    p.add_argument("--out", default=None, help="study directory (default: reports/study)")
+    p.add_argument("--budget", default="study", help="study (about 15 min per seed here) | tiny (a machinery check)")
+    p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
+
+
 def _args_pretrain(p: argparse.ArgumentParser) -> None:
     _training(p, "the student, e.g. vit_small (paper) or micro_tiny (smoke)")
     p.add_argument("--chain", default=None,
@@ -289,6 +314,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
     "bench": ("images/s, FLOPs and %% of the measured matmul peak of a step, against the released formulation",
               _args_bench, cmd_bench),
+    "study": ("the paper's ablations (a)-(i) on the built-in data over seeds, with a verdict per finding "
+              "(runs notebook 08)", _args_study, cmd_study),
     "report": ("REPORT.md + self-contained report.html of run directories, next to the paper's numbers",
                _args_report, cmd_report),
     "doctor": ("environment, then images/s, memory and paper-schedule estimates of every stage on this host",

@@ -215,6 +215,7 @@ class PretrainConfig(BaseConfig):
     teacher_path: str | None = None  # None in smoke = make (and cache) the MAE micro teacher
     teacher_block: int | None = None  # 1-indexed; None = METHOD.md default for the teacher
     target: str = "relation"  # relation | feature | cls
+    relations: tuple[str, ...] = ("qk", "vv")  # which relation KLs a relation target sums (ablation: one alone)
     mask_ratio: float = 0.0  # masking of the student input (ablation); 0 = none, as the paper
     crop_scale: tuple[float, float] = (0.2, 1.0)
     color_jitter: float = 0.4  # student view only
@@ -224,6 +225,9 @@ class PretrainConfig(BaseConfig):
         super().finalize()
         if self.target not in ("relation", "feature", "cls"):
             raise ConfigError(f"target: expected relation|feature|cls, got {self.target!r}")
+        if not self.relations or len(set(self.relations)) != len(self.relations) \
+                or not set(self.relations) <= {"qk", "vv"}:
+            raise ConfigError(f"relations: expected qk, vv or qk,vv, got {','.join(self.relations) or 'nothing'}")
         if self.teacher not in ARCHS:
             raise ConfigError(f"teacher: unknown model {self.teacher!r}; expected one of {sorted(ARCHS)}")
         depth = ARCHS[self.teacher].depth

@@ -56,7 +56,8 @@ class Distiller(nn.Module):
     -> (loss, parts).
 
     target='relation' (the paper): Q-K and V-V relations of the teacher's block
-    `teacher_block` and the student's last block, KL per head, loss = QK + VV.
+    `teacher_block` and the student's last block, KL per head, loss = QK + VV
+    (`relations` picks one alone: the paper's Q-K / V-V ablation).
     target='feature': smooth-L1 to the teacher block's output tokens (linear projection
     when widths differ); target='cls': the same on the class token alone -- the paper's
     ablations. `mask_ratio` > 0 drops that share of the student's patch tokens (the
@@ -66,10 +67,14 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, teacher_block: int | None = None,
-                 target: str = "relation", mask_ratio: float = 0.0, views: Callable | None = None):
+                 target: str = "relation", mask_ratio: float = 0.0, views: Callable | None = None,
+                 relations: tuple[str, ...] = ("qk", "vv")):
         super().__init__()
         if target not in ("relation", "feature", "cls"):
             raise ValueError(f"target: expected relation|feature|cls, got {target!r}")
+        if not relations or not set(relations) <= {"qk", "vv"}:
+            raise ValueError(f"relations: expected a non-empty subset of ('qk', 'vv'), got {relations!r}")
+        self.relations = tuple(sorted(set(relations)))
         self.views = views  # uint8 batch -> (student_view, teacher_view), for in-memory data
         self.teacher_block = teacher_block or default_teacher_block(teacher)
         check_pairing(student, teacher, self.teacher_block, target)
@@ -110,7 +115,8 @@ class Distiller(nn.Module):
             blk = self.teacher.blocks[self.teacher_block - 1]
             if self.target == "relation":
                 q, k, v = block_qkv(blk, x)
-                out = {"qk": relation_logits(q, k), "vv": relation_logits(v, v)}
+                pairs = {"qk": (q, k), "vv": (v, v)}
+                out = {name: relation_logits(*pairs[name]) for name in self.relations}
             else:
                 out = {"tokens": blk(x)}
         return {k: v.clone() for k, v in out.items()}  # leave inference mode: usable in autograd
@@ -134,12 +140,12 @@ class Distiller(nn.Module):
             x = blk(x)
         if self.target == "relation":
             q, k, v = block_qkv(s.blocks[-1], x)
-            t_qk, t_vv = targets["qk"], targets["vv"]
-            if keep is not None:
-                t_qk, t_vv = (_gather_square(t, keep) for t in (t_qk, t_vv))
-            qk = kl_from_logits(t_qk, relation_logits(q, k))
-            vv = kl_from_logits(t_vv, relation_logits(v, v))
-            return qk + vv, {"loss_qk": qk.detach(), "loss_vv": vv.detach()}
+            pairs = {"qk": (q, k), "vv": (v, v)}
+            parts = {}
+            for name in self.relations:
+                t = targets[name] if keep is None else _gather_square(targets[name], keep)
+                parts[name] = kl_from_logits(t, relation_logits(*pairs[name]))
+            return sum(parts.values()), {f"loss_{name}": loss.detach() for name, loss in parts.items()}
         feats = self.proj(s.blocks[-1](x))
         t = targets["tokens"]
         if keep is not None:

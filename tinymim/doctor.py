@@ -60,7 +60,7 @@ def _task(stage: str, cfg: BaseConfig) -> tuple[torch.nn.Module, torch.nn.Module
         block = cfg.teacher_block or default_teacher_block(teacher)
         student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
         views = TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter)
-        return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, views=views), None, None
+        return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, views=views, relations=cfg.relations), None, None
     if stage == "finetune":
         model = build_classifier(cfg)
         return Classifier(model, cfg), model, cfg.layer_decay

@@ -56,7 +56,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
     check_pairing(student, teacher, block, cfg.target)
     task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio,
-                     views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter))
+                     views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter), relations=cfg.relations)
     rank, world_size = engine.world()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:

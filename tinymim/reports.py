@@ -430,12 +430,12 @@ def render_report(runs: list[str | os.PathLike], out: str | os.PathLike | None =
     report_md = out / "REPORT.md"
     atomic_write(report_md, lambda f: f.write(text.encode()))
     report_html = out / "report.html"
-    html = _html(text, out)
+    html = markdown_to_html(text, out)
     atomic_write(report_html, lambda f: f.write(html.encode()))
     return {"markdown": report_md, "html": report_html}
 
 
-def _html(markdown_text: str, out: Path) -> str:
+def markdown_to_html(markdown_text: str, out: Path, title: str = "TinyMIM report") -> str:
     """The Markdown as one HTML file: figures inlined as data URIs, the style inline."""
     import base64
     import re
@@ -452,5 +452,5 @@ def _html(markdown_text: str, out: Path) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
              "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 3px}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>TinyMIM report</title>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{style}</style></head><body>{body}</body></html>")

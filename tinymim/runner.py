@@ -22,6 +22,8 @@ from .checkpoints import atomic_write
 from .pipeline import REPO_ROOT, resolve_run_dir
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+# run only when named (`--only 08`, `tinymim study`): the study is its own hour, not part of a pipeline run
+STANDALONE = ("08_ablations",)
 
 
 class NotebookFailed(RuntimeError):
@@ -97,7 +99,8 @@ def run(
     kernel_name: str | None = None,
     log=print,
 ) -> RunResult:
-    """Execute the notebooks in order into `out` (default: default_run_dir(profile))."""
+    """Execute the notebooks in order into `out` (default: default_run_dir(profile));
+    without `only`, the standalone study notebook is left out."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -112,7 +115,8 @@ def run(
 
     state["environment"] = {**environment(), **_git_state()}  # what the report states about this run
     _write_state(state_path, state)
-    for nb in list_notebooks(notebooks_dir, only):
+    notebooks = [nb for nb in list_notebooks(notebooks_dir, only) if only or nb.stem not in STANDALONE]
+    for nb in notebooks:
         done = state.get(nb.stem, {})
         if done.get("status") == "completed" and done.get("params") == key:
             log(f"[skip] {nb.name}: already completed in {run_dir}")

@@ -1,0 +1,438 @@
+"""A small-scale reproduction study: do the paper's findings hold on the built-in data?
+
+Each *arm* is one way of getting a micro ViT-T student (from scratch, MAE, or one
+distillation recipe); every arm is then fine-tuned, segmented and corruption-tested under
+one identical budget, over several seeds (a seed varies the student's init and data order
+in every stage; the MAE micro teacher is shared). Each *finding* compares two arms the way
+the paper's ablation tables do, and gets a verdict computed from the numbers.
+
+Runs live under `<out>/runs/<arm>-s<seed>/` and every stage resumes (a finished stage with
+the same config is read back, a killed one continues from its checkpoint), so a killed
+study picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import atomic_write, atomic_write_json
+from .config import cache_dir, get_config
+from .devices import environment
+from .launch import train_stage
+from .pipeline import REPO_ROOT, _config_key, smoke_teacher
+from .reports import markdown_to_html
+from .robustness import evaluate_robustness
+
+STUDENT, MID = "micro_tiny", "micro_small"  # the T and S of the paper's chain, at smoke size
+TEACHER = "micro_base"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps of every stage of one arm; identical for all arms (only the pre-training
+    recipe differs). MAE pre-training gets the distillation's steps and batch."""
+
+    pretrain_steps: int
+    pretrain_batch: int
+    finetune_steps: int
+    segmentation_steps: int
+    segmentation_batch: int
+    segmentation_channels: int  # UperNet width (auxiliary head: half)
+    corruption_images: int
+    corruptions: tuple[str, ...] | None = None  # None = all 15
+
+    def pretrain(self) -> dict[str, Any]:
+        return {"steps": self.pretrain_steps, "warmup_steps": self.pretrain_steps // 10,
+                "batch_size": self.pretrain_batch}
+
+
+BUDGETS = {
+    # ~16 minutes per seed on a 2-core CPU; the numbers in reports/study. Measured on seed 0:
+    # 200 distillation + 300 fine-tuning steps give 25 % top-1 against 17 % from scratch; the
+    # UperNet needs ~500 steps to leave the majority-class floor (7 % mIoU; at 80-300 steps
+    # every arm sits on it), so it gets half the smoke width (32 channels) and batch 16 to afford them
+    "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
+                    segmentation_batch=16, segmentation_channels=32, corruption_images=200),
+    # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
+    "tiny": Budget(pretrain_steps=4, pretrain_batch=16, finetune_steps=4, segmentation_steps=2, segmentation_batch=8,
+                   segmentation_channels=16, corruption_images=20, corruptions=("gaussian_noise", "fog")),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to pre-train the student: `chain` is the distillation stages (pretrain
+    overrides, teacher first), `mae` an MAE run of the student itself, neither = scratch."""
+
+    name: str
+    row: str
+    label: str
+    chain: tuple[dict[str, Any], ...] = ()
+    mae: bool = False
+    model: str = STUDENT
+
+
+ARMS = [
+    Arm("scratch", "a", "scratch (no pre-training)"),
+    Arm("mae", "b", "MAE pre-training of the student itself", mae=True),
+    Arm("relation", "c", "TinyMIM: Q-K + V-V relations, last teacher block", ({},)),
+    Arm("cls", "d", "class-token distillation", ({"target": "cls"},)),
+    Arm("feature", "e", "feature distillation", ({"target": "feature"},)),
+    Arm("block4", "f", "relations from teacher block 4 of 6", ({"teacher_block": 4},)),
+    Arm("sequential", "g", f"sequential: teacher → {MID} → {STUDENT}", ({"model": MID}, {})),
+    Arm("masked", "h", "relations, 50 % of the student's patches masked", ({"mask_ratio": 0.5},)),
+    Arm("qk", "i", "Q-K relation only", ({"relations": ["qk"]},)),
+    Arm("vv", "i", "V-V relation only", ({"relations": ["vv"]},)),
+    Arm("teacher", "ref", f"the MAE teacher ({TEACHER}) itself, fine-tuned", model=TEACHER),
+]
+ARM = {a.name: a for a in ARMS}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A claim of the paper, as "arm `better` beats arm `worse`"."""
+
+    claim: str
+    better: str
+    worse: str
+
+    @property
+    def rows(self) -> str:
+        return f"({ARM[self.better].row}) vs ({ARM[self.worse].row})"
+
+
+FINDINGS = [
+    Finding("distillation pre-training beats training from scratch", "relation", "scratch"),
+    Finding("TinyMIM distillation beats MAE pre-training of the small model itself "
+                 "(paper: ViT-T 75.8 vs 71.6, ViT-S 83.0 vs 80.6 top-1)", "relation", "mae"),
+    Finding("relation targets beat class-token targets", "relation", "cls"),
+    Finding("relation targets beat feature targets", "relation", "feature"),
+    Finding("an intermediate teacher block can beat the last one (paper: for ViT-L → ViT-B; "
+                 "the last block for ViT-B → ViT-S/T)", "block4", "relation"),
+    Finding("sequential distillation beats direct distillation", "sequential", "relation"),
+    Finding("the student sees the full image: masking its input hurts", "relation", "masked"),
+    Finding("Q-K + V-V beats Q-K alone", "relation", "qk"),
+    Finding("Q-K + V-V beats V-V alone", "relation", "vv"),
+]
+# metric -> (label, higher is better)
+METRICS = {"top1": ("top-1 (%)", True), "mIoU": ("mIoU (%)", True), "c_error": ("synthetic-C mean error (%)", False)}
+ROWS = "abcdefghi"
+
+
+def select_arms(only: Sequence[str] | None) -> list[Arm]:
+    """The arms rows `only` (letters a-i) need: each row's own arms plus what its
+    findings compare against; scratch and the teacher are always there (the margin the
+    study states)."""
+    if not only:
+        return list(ARMS)
+    rows = {r.strip().lower() for r in only if r.strip()}
+    unknown = sorted(rows - set(ROWS))
+    if unknown:
+        raise ValueError(f"--only: unknown row(s) {unknown}; expected letters among {', '.join(ROWS)}")
+    names = {"scratch", "teacher"} | {a.name for a in ARMS if a.row in rows}
+    names |= {n for f in FINDINGS if {ARM[f.better].row, ARM[f.worse].row} & rows for n in (f.better, f.worse)}
+    return [a for a in ARMS if a.name in names]
+
+
+@dataclass
+class StudyRun:
+    """One arm at one seed: its folder and the configs of each of its stages."""
+
+    arm: Arm
+    seed: int
+    root: Path
+    configs: dict[str, Any] = field(default_factory=dict)  # stage name -> config
+
+
+def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, teacher: Path) -> list[StudyRun]:
+    """Every (arm, seed) run with its stage configs, seed-major so that a partial study
+    already has every row."""
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            run = StudyRun(arm, seed, out / "runs" / f"{arm.name}-s{seed}")
+            previous = str(teacher)
+            if arm.mae:
+                run.configs["mae"] = get_config("mae", arm.model, "smoke", budget.pretrain() | {"seed": seed})
+            for i, stage in enumerate(arm.chain):
+                model = stage.get("model", arm.model)
+                teacher_name = TEACHER if i == 0 else arm.chain[i - 1].get("model", arm.model)
+                run.configs[f"pretrain{i}"] = get_config("pretrain", model, "smoke", budget.pretrain() | {
+                    k: v for k, v in stage.items() if k != "model"} | {
+                    "teacher": teacher_name, "teacher_path": previous, "seed": seed})
+                previous = str(run.root / f"pretrain{i}" / "student.pth")
+            if arm.mae:
+                previous = str(run.root / "mae" / "teacher.pth")
+            if arm.name == "teacher":
+                previous = str(teacher)
+            pretrained = previous if (arm.chain or arm.mae or arm.name == "teacher") else None
+            ft = {"pretrained": pretrained, "steps": budget.finetune_steps, "seed": seed,
+                  "warmup_steps": budget.finetune_steps // 8}
+            if pretrained is None:
+                ft["layer_decay"] = 1.0  # no pre-trained hierarchy to preserve (notebook 03's convention)
+            run.configs["finetune"] = get_config("finetune", arm.model, "smoke", ft)
+            if arm.name != "teacher":  # the teacher is the premise's reference: top-1 (and C) only
+                seg = {"pretrained": pretrained, "steps": budget.segmentation_steps, "seed": seed,
+                       "warmup_steps": budget.segmentation_steps // 12, "batch_size": budget.segmentation_batch,
+                       "channels": budget.segmentation_channels,
+                       "aux_channels": budget.segmentation_channels // 2}
+                if pretrained is None:
+                    seg["layer_decay"] = 1.0
+                run.configs["segmentation"] = get_config("segmentation", arm.model, "smoke", seg)
+            rob = {"num_images": budget.corruption_images, "seed": 0}  # one corrupted set for every run
+            if budget.corruptions:
+                rob["corruptions"] = list(budget.corruptions)
+            run.configs["robustness"] = get_config("robustness", arm.model, "smoke", rob)
+            runs.append(run)
+    return runs
+
+
+def _key(run: StudyRun) -> str:
+    return _config_key({name: cfg.to_dict() for name, cfg in run.configs.items()})
+
+
+def execute(run: StudyRun, device: str | None = "auto", progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate one run (each stage resumes); its result.json is the record."""
+    result_path = run.root / "result.json"
+    key = _key(run)
+    if result_path.exists():
+        done = json.loads(result_path.read_text())
+        if done.get("key") == key:
+            return done
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    for name, cfg in run.configs.items():
+        if name in ("finetune", "segmentation", "robustness"):
+            continue
+        t = time.perf_counter()
+        train_stage("mae" if name == "mae" else "pretrain", cfg, run.root / name, device, None, progress)
+        seconds[name] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, ft = train_stage("finetune", run.configs["finetune"], run.root / "finetune", device, None, progress)
+    seconds["finetune"] = time.perf_counter() - t
+    seg: dict[str, Any] = {"mIoU": None}
+    if "segmentation" in run.configs:
+        t = time.perf_counter()
+        _, seg = train_stage("segmentation", run.configs["segmentation"], run.root / "segmentation", device, None,
+                             progress)
+        seconds["segmentation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rob = evaluate_robustness(model, run.configs["robustness"], device=device)["synthetic_c"]
+    seconds["robustness"] = time.perf_counter() - t
+    result = {"arm": run.arm.name, "row": run.arm.row, "seed": run.seed, "key": key,
+              "top1": ft["top1"], "mIoU": seg["mIoU"], "c_error": rob["mean_error"],
+              "clean_error": rob["clean_error"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
+              "total_seconds": round(time.perf_counter() - start, 1),
+              "configs": {name: cfg.to_dict() for name, cfg in run.configs.items()}}
+    atomic_write_json(result, result_path)
+    return result
+
+
+def default_out(budget: str) -> Path:
+    """reports/study for the study budget ($TINYMIM_RUN_DIR/study when set); a smaller
+    budget's numbers mean little, so they go to the cache, never beside the committed report."""
+    env = os.environ.get("TINYMIM_RUN_DIR")
+    name = "study" if budget == "study" else f"study-{budget}"
+    if env:
+        return Path(env) / name
+    return REPO_ROOT / "reports" / name if budget == "study" else cache_dir(name)
+
+
+def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1, 2), only: Sequence[str] | None = None,
+              budget: str = "study", device: str | None = "auto", progress: bool = True,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or resume) the study into `out` (None: `default_out(budget)`); returns every
+    run's result. The teacher is the smoke profile's cached MAE micro teacher, copied into
+    `out/teacher`."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget: expected one of {sorted(BUDGETS)}, got {budget!r}")
+    if not seeds:
+        raise ValueError("seeds: at least one seed")
+    out = Path(out) if out else default_out(budget)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = smoke_teacher(out / "teacher", progress=progress, device=device)
+    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher)
+    start = time.perf_counter()
+    results = []
+    for i, run in enumerate(runs, start=1):
+        res = execute(run, device, progress)
+        results.append(res)
+        miou = "—" if res["mIoU"] is None else f"{res['mIoU']:.1f}"
+        log(f"[{i}/{len(runs)}] {run.arm.name}-s{run.seed}: top-1 {res['top1']:.1f}, mIoU {miou}, "
+            f"C error {res['c_error']:.1f} ({res['total_seconds']:.0f} s)")
+    state = {"budget": budget, "budget_steps": asdict(BUDGETS[budget]), "seeds": list(seeds),
+             "arms": [r.arm.name for r in runs[:len(runs) // len(seeds)]],
+             "teacher": str(teacher), "teacher_config": get_config("mae", TEACHER, "smoke").to_dict(),
+             "environment": environment(),
+             "wall_seconds_this_call": round(time.perf_counter() - start, 1),
+             "train_seconds": round(sum(r["total_seconds"] for r in results), 1)}
+    atomic_write_json(state, out / "study.json")
+    return results
+
+
+# ---------------------------------------------------------------------------------
+# from results to tables and verdicts
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """arm -> metric -> mean, std (sample; None for one seed), n and the per-seed values."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for res in results:
+        for metric in METRICS:
+            if res.get(metric) is None:
+                continue
+            out.setdefault(res["arm"], {}).setdefault(metric, {"values": {}})["values"][res["seed"]] = res[metric]
+    for metrics in out.values():
+        for stats in metrics.values():
+            values = list(stats["values"].values())
+            stats.update(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
+                         n=len(values))
+    return out
+
+
+def verdict(results: Sequence[dict[str, Any]], finding: Finding, metric: str) -> dict[str, Any]:
+    """The paired (same seed) gain of `better` over `worse` in the metric's good direction:
+    mean ± std over seeds, and the verdict: inconclusive when |mean| ≤ 2 std (or one seed),
+    else "holds" or "does not hold at this scale" by its sign."""
+    by = {(r["arm"], r["seed"]): r[metric] for r in results if r.get(metric) is not None}
+    seeds = sorted({s for a, s in by if a == finding.better} & {s for a, s in by if a == finding.worse})
+    sign = 1 if METRICS[metric][1] else -1
+    gains = [sign * (by[(finding.better, s)] - by[(finding.worse, s)]) for s in seeds]
+    if not gains:
+        return {"gain": None, "std": None, "n": 0, "verdict": "not run"}
+    mean = statistics.fmean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else None
+    if std is None:
+        text = "inconclusive (one seed)"
+    elif abs(mean) <= 2 * std:
+        text = "inconclusive given the std"
+    else:
+        text = "holds" if mean > 0 else "does not hold at this scale"
+    return {"gain": mean, "std": std, "n": len(gains), "verdict": text}
+
+
+def findings_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every finding whose two arms were run, with its verdict per metric."""
+    arms = {r["arm"] for r in results}
+    rows = []
+    for f in [Finding("the MAE teacher beats a scratch student (the study's premise)", "teacher", "scratch"),
+              *FINDINGS]:
+        if f.better in arms and f.worse in arms:
+            rows.append({"rows": f.rows, "claim": f.claim, "better": f.better, "worse": f.worse,
+                         **{m: verdict(results, f, m) for m in METRICS}})
+    return rows
+
+
+def _host(env: dict[str, Any] | None) -> str:
+    if not env:
+        return "an unrecorded host"
+    gpus = ", ".join(g["name"] for g in env.get("gpus", []))
+    return f"{env['cpu']} with {env['cpus']} CPUs" + (f" and {gpus}" if gpus else " (no GPU)")
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:+.1f} ± {std:.1f}" if std is not None else f"{mean:+.1f}"
+
+
+def _ms(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "—"
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if stats["std"] is not None else f"{stats['mean']:.1f}"
+
+
+def plot_study(results: Sequence[dict[str, Any]]):
+    """One panel per metric: each arm's mean ± std over seeds, the seeds as dots."""
+    import matplotlib.pyplot as plt
+
+    summary = summarize(results)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
+    for ax, (metric, (label, higher)) in zip(axes, METRICS.items()):
+        arms = [a.name for a in ARMS if metric in summary.get(a.name, {})]
+        means = [summary[a][metric]["mean"] for a in arms]
+        stds = [summary[a][metric]["std"] or 0.0 for a in arms]
+        ax.bar(range(len(arms)), means, yerr=stds, capsize=3, color="#9ecae1")
+        for i, a in enumerate(arms):
+            values = list(summary[a][metric]["values"].values())
+            ax.plot([i] * len(values), values, "k.", ms=4)
+        ax.set_xticks(range(len(arms)), [f"({ARM[a].row}) {a}" for a in arms], rotation=60, ha="right")
+        ax.set_title(f"{label}, {'higher' if higher else 'lower'} is better")
+        low = min(min(summary[a][metric]["values"].values()) for a in arms)
+        ax.set_ylim(max(0.0, low - 5), None)
+    fig.tight_layout()
+    return fig
+
+
+def render_study(out: str | os.PathLike) -> dict[str, Path]:
+    """REPORT.md, report.html, figures/study.png and metrics.json (every run's numbers,
+    the summary and the verdicts) of the study in `out`, from its runs' result.json."""
+    out = Path(out)
+    results = sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")),
+                     key=lambda r: ([a.name for a in ARMS].index(r["arm"]), r["seed"]))
+    if not results:
+        raise FileNotFoundError(f"{out / 'runs'}: no finished study run (tinymim study --out {out})")
+    state = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
+    summary, verdicts = summarize(results), findings_table(results)
+    seeds = sorted({r["seed"] for r in results})
+    budget = state.get("budget_steps") or {}
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    fig = plot_study(results)
+    fig.savefig(figures / "study.png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    train_min = sum(r["total_seconds"] for r in results) / 60
+    scratch, teacher = summary.get("scratch", {}).get("top1"), summary.get("teacher", {}).get("top1")
+    md = ["# Does TinyMIM hold at micro scale? A reproduction study on the built-in data", "",
+          f"Every number below was measured by `tinymim study` in `{out}` and is in `metrics.json`: "
+          f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
+          f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None)}). "
+          f"Training and evaluation took {train_min:.1f} min of compute on {_host(state.get('environment'))}.", "",
+          *([f"> **Budget `{state['budget']}`: a check of the machinery; its numbers mean nothing.** "
+              "The study is `tinymim study` (budget `study`).", ""] if state.get("budget") != "study" else []),
+          f"**Setup.** Student {STUDENT} (the paper's ViT-T at smoke size); teacher: the smoke profile's MAE "
+          f"{TEACHER}, shared by every run. A seed varies the student's initialisation and data order in every "
+          "stage. Every arm is fine-tuned on the same 2 000 labelled synthetic images for the same number of steps, "
+          "trained as a UperNet segmenter for the same number of steps, and tested on the synthetic-C "
+          "corruptions. Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the "
+          "paired difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
+    if scratch and teacher:
+        margin = verdict(results, Finding("", "teacher", "scratch"), "top1")
+        md += [f"**Is the study informative?** The MAE teacher fine-tuned reaches {_ms(teacher)} % top-1 against "
+               f"{_ms(scratch)} % for a scratch student: a margin of {_pm(margin['gain'], margin['std'])} points "
+               f"({margin['verdict']}).", ""]
+    md += ["## Every arm", "", "| row | arm | top-1 (%) | mIoU (%) | synthetic-C error (%) | seeds |",
+           "|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        if arm.name in summary:
+            s = summary[arm.name]
+            md.append(f"| ({arm.row}) | {arm.label} | {_ms(s['top1'])} | {_ms(s.get('mIoU'))} | {_ms(s['c_error'])} | "
+                      f"{s['top1']['n']} |")
+    md += ["", "## The paper's findings, one verdict per metric", "",
+           "Gain = the first arm minus the second (for the corruption error: the second minus the first), "
+           "mean ± std over seeds, in points.", "",
+           "| row | claim | arms | top-1 gain | verdict | mIoU gain | verdict | C-error gain | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for v in verdicts:
+        cells = " | ".join(f"{_pm(v[m]['gain'], v[m]['std'])} | {v[m]['verdict']}" for m in METRICS)
+        md.append(f"| {v['rows']} | {v['claim']} | {v['better']} vs {v['worse']} | {cells} |")
+    md += ["", "## Headline (top-1)", ""]
+    md += [f"- {v['rows']} {v['claim']}: **{v['top1']['verdict']}** "
+           f"({_pm(v['top1']['gain'], v['top1']['std'])} points over {v['top1']['n']} seeds)." for v in verdicts]
+    md += ["", "## Figures", "", "![study](figures/study.png)", ""]
+    text = "\n".join(md) + "\n"
+    atomic_write_json({"state": state, "runs": results, "summary": summary, "findings": verdicts},
+                      out / "metrics.json")
+    html = markdown_to_html(text, out, title="TinyMIM study")
+    atomic_write(out / "REPORT.md", lambda f: f.write(text.encode()))
+    atomic_write(out / "report.html", lambda f: f.write(html.encode()))
+    return {"markdown": out / "REPORT.md", "html": out / "report.html"}
