@@ -114,6 +114,19 @@ def test_bench(capsys):
     assert json.loads(capsys.readouterr().out)["bench"] == "finetune"
 
 
+def test_study(tmp_path, capsys):
+    """The study command runs notebook 08 through papermill into --out; a bad row fails first."""
+    out = tmp_path / "study"
+    assert main(["study", "--budget", "tiny", "--seeds", "1", "--only", "a", "--out", str(out)]) == 0
+    assert str(out / "REPORT.md") in capsys.readouterr().out
+    assert (out / "notebooks" / "08_ablations.ipynb").exists() and (out / "report.html").exists()
+    results = json.loads((out / "metrics.json").read_text())["runs"]
+    assert {r["arm"] for r in results} == {"scratch", "relation", "teacher"}
+    assert "| (c) vs (a) |" in (out / "REPORT.md").read_text()
+    assert main(["study", "--only", "a,z", "--out", str(tmp_path / "bad")]) == 1
+    assert "unknown row(s) ['z']" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_report(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text(json.dumps({"01_models": {"teacher_probe_top1": 22.0,
                                                                      "random_init_probe_top1": 15.0}}))

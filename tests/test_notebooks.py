@@ -22,4 +22,4 @@ def test_every_code_cell_parses_and_outputs_are_stripped(path):
 
 def test_the_notebooks_are_numbered_in_pipeline_order():
     assert [p.stem for p in NOTEBOOKS] == ["01_models", "02_distill_pretrain", "03_finetune", "04_segmentation",
-                                           "05_robustness", "06_explore", "07_report"]
+                                           "05_robustness", "06_explore", "07_report", "08_ablations"]

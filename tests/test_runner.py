@@ -56,6 +56,15 @@ def test_only_selects_by_number(notebooks):
         list_notebooks(notebooks, ["09"])
 
 
+def test_the_study_notebook_runs_only_when_named(notebooks, tmp_path):
+    _notebook(notebooks / "08_ablations.ipynb", "from tinymim.reports import record_metrics\n"
+                                                "record_metrics(run_dir, '08', {'value': 8})")
+    res = run("smoke", tmp_path / "run", notebooks_dir=notebooks, log=lambda *_: None)
+    assert res.executed == ["01_first", "02_second"]  # a pipeline run leaves the hour-long study out
+    res = run("smoke", tmp_path / "run", ["08"], notebooks_dir=notebooks, log=lambda *_: None)
+    assert res.executed == ["08_ablations"] and load_metrics(tmp_path / "run")["08"]["value"] == 8
+
+
 def test_metrics_refuse_non_data(tmp_path):
     record_metrics(tmp_path, "a", {"x": 1.5, "undefined": float("nan")})
     assert load_metrics(tmp_path)["a"]["undefined"] is None

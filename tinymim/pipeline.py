@@ -107,7 +107,8 @@ def layout(run_dir: str | os.PathLike | None, profile: str) -> RunLayout:
     return RunLayout(resolve_run_dir(run_dir, profile))
 
 
-def _config_key(cfg_dict: dict[str, Any]) -> str:
+def config_key(cfg_dict: dict[str, Any]) -> str:
+    """A short stable name for a resolved config: what caches and run folders are keyed by."""
     return hashlib.sha1(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -120,7 +121,7 @@ def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None 
     """The smoke profile's MAE micro teacher: trained once, cached under a key of its
     resolved config (any changed MAE setting makes a new one), copied into `dest`."""
     cfg = get_config("mae", profile="smoke", overrides=overrides)
-    cache = cache_dir("teachers", _config_key(cfg.to_dict()))
+    cache = cache_dir("teachers", config_key(cfg.to_dict()))
     if not (cache / "teacher.pth").exists():
         train_stage("mae", cfg, cache, device, nproc, progress)
     if dest is None:
@@ -202,7 +203,7 @@ def scratch_dir(run: RunLayout, cfg: FinetuneConfig) -> Path:
     """Where a run directory keeps a from-scratch baseline, named by its config: notebooks
     01, 03 and 05 share one when their configs agree (the engine then just resumes a
     finished run) and never mix up two that differ."""
-    return run.baselines / f"{cfg.model}-scratch-{_config_key(cfg.to_dict())}"
+    return run.baselines / f"{cfg.model}-scratch-{config_key(cfg.to_dict())}"
 
 
 def _finished(path: Path, cfg: FinetuneConfig) -> bool:

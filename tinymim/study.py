@@ -26,7 +26,7 @@ from .checkpoints import atomic_write, atomic_write_json
 from .config import cache_dir, get_config
 from .devices import environment
 from .launch import train_stage
-from .pipeline import REPO_ROOT, _config_key, smoke_teacher
+from .pipeline import REPO_ROOT, config_key, smoke_teacher
 from .reports import markdown_to_html
 from .robustness import evaluate_robustness
 
@@ -195,7 +195,7 @@ def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, t
 
 
 def _key(run: StudyRun) -> str:
-    return _config_key({name: cfg.to_dict() for name, cfg in run.configs.items()})
+    return config_key({name: cfg.to_dict() for name, cfg in run.configs.items()})
 
 
 def execute(run: StudyRun, device: str | None = "auto", progress: bool = True) -> dict[str, Any]:
@@ -391,12 +391,16 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
 
     plt.close(fig)
     train_min = sum(r["total_seconds"] for r in results) / 60
+    per_seed = ", ".join(f"{sum(r['total_seconds'] for r in results if r['seed'] == s) / 60:.1f}" for s in seeds)
+    where = out.resolve()
+    where = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where
     scratch, teacher = summary.get("scratch", {}).get("top1"), summary.get("teacher", {}).get("top1")
     md = ["# Does TinyMIM hold at micro scale? A reproduction study on the built-in data", "",
-          f"Every number below was measured by `tinymim study` in `{out}` and is in `metrics.json`: "
+          f"Every number below was measured by `tinymim study` in `{where}` and is in `metrics.json`: "
           f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
           f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None)}). "
-          f"Training and evaluation took {train_min:.1f} min of compute on {_host(state.get('environment'))}.", "",
+          f"Training and evaluation took {train_min:.1f} min on {_host(state.get('environment'))} "
+          f"(per seed: {per_seed} min).", "",
           *([f"> **Budget `{state['budget']}`: a check of the machinery; its numbers mean nothing.** "
               "The study is `tinymim study` (budget `study`).", ""] if state.get("budget") != "study" else []),
           f"**Setup.** Student {STUDENT} (the paper's ViT-T at smoke size); teacher: the smoke profile's MAE "
