@@ -82,7 +82,7 @@ def test_hyperparameter_differences_are_found_and_explained():
     assert override["peak_lr"]["differs"]  # 1.5e-4 x 1024 / 256: the batch-scaled lr follows the override
     smoke = {r["hyper-parameter"]: r for r in reports.hyperparameter_rows(
         "finetune", get_config("finetune", profile="smoke").to_dict())}
-    assert smoke["epochs"]["used"] == "800 steps" and smoke["epochs"]["why"].startswith("smoke profile")
+    assert smoke["epochs"]["used"] == "400 steps" and smoke["epochs"]["why"].startswith("smoke profile")
     assert smoke["rand_augment"]["used"] == "none" and smoke["mixup"]["differs"]
     ft = {r["hyper-parameter"]: r for r in reports.hyperparameter_rows(
         "finetune", get_config("finetune", "vit_base", "paper").to_dict())}
