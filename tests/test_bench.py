@@ -41,3 +41,12 @@ def test_both_attention_kernels_compute_the_same_and_the_choice_is_applied():
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     name = choose_attention_kernel([model], torch.device("cpu"), None, batch=2)
     assert {blk.attn.fused_attn for blk in model.blocks} == {name == "sdpa"}
+
+
+def test_quantized_teacher_is_timed_with_its_loss_deviation():
+    r = bench.bench_distill("micro_tiny", "micro_base", batch=8, steps=1, precision="fp32", device="cpu",
+                            teacher_quant="int8")
+    q = r["teacher_quant"]
+    assert q["mode"] == "int8" and q["images_per_s"] > 0
+    assert q["speedup_vs_default"] == pytest.approx(q["images_per_s"] / r["images_per_s"], rel=0.01)
+    assert 0 < q["loss_rel_deviation"] < 0.05  # rounding reaches the targets, a little

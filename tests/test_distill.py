@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 
-from tinymim.config import get_config
-from tinymim.distill import Distiller, _gather_square, check_pairing, default_teacher_block
+from tinymim.config import ConfigError, get_config
+from tinymim.distill import Distiller, _gather_square, check_pairing, default_teacher_block, quantize_teacher
 from tinymim.models import ModelSpec, build_model
 from tinymim.pretrain import build_student
 
@@ -52,6 +54,35 @@ def test_loss_equals_explicit_computation(teacher_block):
     assert parts["loss_qk"].item() == pytest.approx(_kl(t_qk, s_qk).item(), abs=1e-5)
     assert parts["loss_vv"].item() == pytest.approx(_kl(t_vv, s_vv).item(), abs=1e-5)
     assert loss.item() == pytest.approx((_kl(t_qk, s_qk) + _kl(t_vv, s_vv)).item(), abs=1e-5)
+
+
+def test_one_relation_alone_is_that_part_of_the_full_loss():
+    """The Q-K / V-V ablation: each alone is exactly its term of the paper's loss."""
+    student, teacher = _pair()
+    xs, xt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    full, parts = Distiller(student, teacher).eval()(xs, xt)
+    for name in ("qk", "vv"):
+        loss, alone = Distiller(student, teacher, relations=(name,)).eval()(xs, xt)
+        assert set(alone) == {f"loss_{name}"} and loss.item() == pytest.approx(parts[f"loss_{name}"].item(), abs=1e-6)
+    with pytest.raises(ValueError, match="relations"):
+        Distiller(student, teacher, relations=())
+    with pytest.raises(ConfigError, match="relations"):
+        get_config("pretrain", overrides={"relations": "qk,kq"})
+    assert get_config("pretrain", overrides={"relations": "vv"}).relations == ("vv",)
+
+
+def test_int8_teacher_stays_close_and_fp8_needs_a_recent_gpu():
+    student, teacher = _pair()
+    xs, xt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    full = Distiller(student, teacher).eval()(xs, xt)[0].item()
+    low_teacher = quantize_teacher(copy.deepcopy(teacher), "int8", torch.device("cpu"))
+    low = Distiller(student, low_teacher).eval()(xs, xt)[0].item()
+    assert low != full and abs(low - full) / full < 0.05
+    assert quantize_teacher(teacher, "none", torch.device("cpu")) is teacher
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        quantize_teacher(copy.deepcopy(teacher), "fp8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="teacher_quant"):
+        get_config("pretrain", overrides={"teacher_quant": "int4"})
 
 
 def test_loss_is_zero_for_a_copy_of_the_teacher():

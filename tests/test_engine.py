@@ -175,3 +175,24 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_attention_kernel_is_measured_under_autocast_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    """fp32: SDPA, nothing measured (two fresh runs stay bit-identical). bf16: measured once,
+    recorded in the checkpoint; a resume keeps the recorded kernel whatever a new
+    measurement would say (the kernels round differently)."""
+    def never(*args, **kwargs):
+        raise AssertionError("measured in fp32 or on resume")
+
+    monkeypatch.setattr(engine, "choose_attention_kernel", never)
+    run = engine.start_run(_mae_task(), _batches(), _cfg(), tmp_path / "fp32", torch.device("cpu"))
+    assert run.attention_kernel == "sdpa" and all(b.attn.fused_attn for b in run.task.encoder.blocks)
+
+    monkeypatch.setattr(engine, "choose_attention_kernel", lambda vits, *a, **k: "math")
+    cfg = _cfg(amp="bf16", steps=4, ckpt_every=2)
+    engine.train(_mae_task(), _batches(), cfg, tmp_path / "bf16", progress=False, stop_after=2)
+    assert torch.load(tmp_path / "bf16" / "checkpoint.pth", weights_only=True)["attention_kernel"] == "math"
+    monkeypatch.setattr(engine, "choose_attention_kernel", never)
+    run = engine.start_run(_mae_task(), _batches(), cfg, tmp_path / "bf16", torch.device("cpu"))
+    assert run.step == 2 and run.attention_kernel == "math"
+    assert not any(b.attn.fused_attn for b in run.task.encoder.blocks)

@@ -72,6 +72,8 @@ def test_one_capture_gives_every_blocks_maps(model):
     for b in range(1, maps.depth + 1):
         assert torch.allclose(maps.qk[b - 1], attention_maps(model, x, b)[0], atol=1e-6)
         assert torch.allclose(maps.vv[b - 1], relation_maps(model, x, b)["vv"][0], atol=1e-6)
+    heads = [explore.select_map(maps, "QK", maps.depth, h, None) for h in range(maps.qk[-1].shape[0])]
+    assert np.allclose(explore.select_map(maps, "QK", maps.depth, None, None), np.mean(heads, axis=0), atol=1e-6)
 
 
 def test_student_last_block_maps_to_the_teachers_target_block():

@@ -183,7 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.what == "distill":
         record = bench.bench_distill(args.student, args.teacher, args.batch, args.steps, args.precision, args.compile,
-                                     args.device)
+                                     args.device, teacher_quant=args.teacher_quant)
     elif args.what == "finetune":
         record = bench.bench_finetune(args.student, args.batch, args.steps, args.precision, args.device)
     else:
@@ -224,6 +224,8 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: what amp=auto picks on this device")
     p.add_argument("--compile", action="store_true", help="torch.compile the default path's forward")
+    p.add_argument("--teacher-quant", choices=["none", "int8", "fp8"], default="none",
+                   help="distill: also time the step with a quantised teacher and report its loss deviation")
     _device(p)
 
 

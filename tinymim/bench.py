@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .attention import relation_logits
 from .devices import autocast_dtype, resolve_device
-from .distill import Distiller, default_teacher_block, kl_from_logits
+from .distill import Distiller, default_teacher_block, kl_from_logits, quantize_teacher
 from .models import ModelSpec, build_model, choose_attention_kernel, set_fused_attention
 from .pretrain import build_student
 
@@ -136,9 +136,11 @@ def _train_step(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor],
 
 def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: int = 8, steps: int = 5,
                   precision: str | None = None, compile: bool = False, device: str | None = "auto",
-                  input_size: int | None = None) -> dict[str, Any]:
+                  input_size: int | None = None, teacher_quant: str = "none") -> dict[str, Any]:
     """One JSON-able record: the default path at `precision` (default: what `amp=auto`
-    picks here) against the reference in fp32 and at the same precision."""
+    picks here) against the reference in fp32 and at the same precision; with
+    `teacher_quant`, also the default path with that quantised teacher, and its loss
+    deviation from the full-precision teacher's at the same student weights."""
     dev = resolve_device(device)
     dtype = PRECISIONS[precision] if precision else autocast_dtype("auto", dev)
     torch.manual_seed(0)
@@ -169,6 +171,8 @@ def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: i
     default_times = _timed(_train_step(forward, [p for p in s_model.parameters() if p.requires_grad], dtype, dev),
                            steps, dev)
     default_mem = _peak_memory(dev)
+    quant = _quantized_teacher_step(task, s_model, t_model, block, teacher_quant, sv, tv, dtype, dev, steps,
+                                    batch / statistics.median(default_times)) if teacher_quant != "none" else None
 
     set_fused_attention(t_model, False)
     ref_params = list(ref_student.parameters())
@@ -200,7 +204,24 @@ def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: i
                       "pct_of_fp32_peak": round(100 * ref_flops * ref_rate / peak_fp32, 1)},
         "speedup": round(rate / ref_rate, 3), "speedup_same_precision": round(rate / same_rate, 3),
         "loss": value, "reference_loss": ref_value, "loss_parity": abs(value - ref_value) <= tolerance,
+        **({"teacher_quant": quant} if quant else {}),
     }
+
+
+def _quantized_teacher_step(task: Distiller, s_model: nn.Module, t_model: nn.Module, block: int, mode: str,
+                            sv: torch.Tensor, tv: torch.Tensor, dtype: torch.dtype | None, dev: torch.device,
+                            steps: int, default_rate: float) -> dict[str, Any]:
+    """The default step with a quantised copy of the teacher: images/s against the
+    default's, and the loss of both teachers at the same student weights and batch."""
+    q_task = Distiller(s_model, quantize_teacher(copy.deepcopy(t_model), mode, dev), block)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        full, low = task(sv, tv)[0].float().item(), q_task(sv, tv)[0].float().item()
+    times = _timed(_train_step(lambda: q_task(sv, tv)[0], [p for p in s_model.parameters() if p.requires_grad],
+                               dtype, dev), steps, dev)
+    rate = len(sv) / statistics.median(times)
+    return {"mode": mode, "images_per_s": round(rate, 2), "speedup_vs_default": round(rate / default_rate, 3),
+            "loss_full_teacher": full, "loss_quantized_teacher": low,
+            "loss_rel_deviation": abs(low - full) / max(abs(full), 1e-12)}
 
 
 def _rates(flops: float, rate: float, peak: float) -> dict[str, Any]:

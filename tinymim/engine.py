@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import CheckpointError, atomic_save, atomic_write, sweep_temp_files
 from .config import BaseConfig, derive_seed
 from .devices import autocast_dtype, resolve_device
+from .models import choose_attention_kernel, set_fused_attention
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,6 +160,7 @@ class Run:
     dtype: torch.dtype | None
     ckpt_path: Path
     step: int = 0
+    attention_kernel: str | None = None  # 'sdpa' | 'math' in every ViT of the task; None: no ViT
 
 
 def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, device: torch.device,
@@ -187,7 +189,36 @@ def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path,
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
     else:
         seed_everything(derive_seed(cfg.seed, "train", rank))
+    run.attention_kernel = _attention_kernel(task, device, dtype, plan.micro_batch,
+                                             state.get("attention_kernel") if state else None)
     return run
+
+
+def _attention_kernel(task: nn.Module, device: torch.device, dtype: torch.dtype | None, micro_batch: int,
+                      recorded: str | None) -> str | None:
+    """The attention kernel every ViT of the task runs: the one a resumed run recorded (the
+    kernels differ in rounding, so an exact resume keeps it), else -- under autocast, where
+    they differ by up to ~3x -- the one measured faster here (rank 0 decides for all); in
+    fp32, where they were within a few per cent on every host measured, SDPA without a
+    measurement, so two fresh fp32 runs of one config stay bit-identical."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vits = [m for m in task.modules() if isinstance(m, VisionTransformer)]
+    if not vits:
+        return None
+    kernel = recorded
+    if kernel is None:
+        kernel = "sdpa"
+        if dtype is not None:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                kernel = choose_attention_kernel(vits, device, dtype, micro_batch, margin=0.1)
+        if world()[1] > 1:
+            choice = [kernel]
+            dist.broadcast_object_list(choice, src=0)
+            kernel = choice[0]
+    for vit in vits:
+        set_fused_attention(vit, kernel == "sdpa")
+    return kernel
 
 
 def _load_training_state(run_dir: Path) -> dict[str, Any] | None:
@@ -223,7 +254,8 @@ def _save(run: Run) -> None:
     if rank == 0:
         atomic_save({"task": _trainable_state(run.task), "optimizer": run.optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
-                     "config": run.cfg.to_dict(), "plan": run.plan.__dict__}, run.ckpt_path,
+                     "config": run.cfg.to_dict(), "plan": run.plan.__dict__,
+                     "attention_kernel": run.attention_kernel}, run.ckpt_path,
                     previous=run.ckpt_path.with_name("checkpoint-prev.pth"))
 
 

@@ -38,6 +38,8 @@ def predict(
     `data`: N x 3 x H x W images (uint8 or normalised float), or an iterable of
     (images, labels) batches such as a DataLoader. Outputs are float logits on the CPU,
     or `reduce(logits)` per batch (e.g. `argmax`); labels are None for a tensor input.
+    The model is moved to `device` and stays there, so one evaluated many times (every
+    corruption and severity) crosses to the GPU once.
     """
     device = resolve_device(device)
     model.eval().to(device)

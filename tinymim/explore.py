@@ -91,15 +91,17 @@ def compute_maps(model: nn.Module, image: torch.Tensor) -> ModelMaps:
                      model.num_prefix_tokens)
 
 
-def select_map(maps: ModelMaps, kind: str, block: int, head: int, query: tuple[int, int] | None) -> np.ndarray:
+def select_map(maps: ModelMaps, kind: str, block: int, head: int | None, query: tuple[int, int] | None) -> np.ndarray:
     """The grid (rows x cols) a query attends to: `query` = (row, col) of a patch, or None
-    for the class token; QK/VV of one block and head, or rollout through `block`."""
+    for the class token; QK/VV of one block and head (None: the mean over heads), or
+    rollout through `block`."""
     gh, gw = maps.grid
     token = 0 if query is None else maps.prefix + query[0] * gw + query[1]
     if kind == "rollout":
         row = attention_rollout([a[None] for a in maps.qk], upto=block)[0, token]
     else:
-        row = (maps.qk if kind == "QK" else maps.vv)[block - 1][head, token]
+        per_head = (maps.qk if kind == "QK" else maps.vv)[block - 1][:, token]
+        row = per_head.mean(0) if head is None else per_head[head]
     return row[maps.prefix:].reshape(gh, gw).float().numpy()
 
 
@@ -364,7 +366,7 @@ def build_fiftyone(run_dir: str | os.PathLike, profile: str = "smoke", num_image
     """A persistent FiftyOne dataset of a run directory on the synthetic val split (re-running
     replaces it, never duplicates): images with label and mask; each fine-tuned classifier's
     prediction (confidence, logits) and top-5; the segmenter's masks; the teacher's and
-    student's class-token attention as heat maps; `corrupted_images` images under every
+    student's class-token attention in their last block (mean over heads) as heat maps; `corrupted_images` images under every
     synthetic-C corruption at `severity`, with `corruption`/`severity` fields. Runs FiftyOne's
     classification and segmentation evaluations and saves the views `misclassified_<model>`,
     `distilled_vs_scratch` and `hardest_corruption`. Returns a summary of what it holds;
@@ -399,7 +401,7 @@ def build_fiftyone(run_dir: str | os.PathLike, profile: str = "smoke", num_image
     for corruption, sev, images, labels, masks, paths in groups:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         logits = {key: predict(m, x, device)[0] for key, m in classifiers.items()}
-        heat = {key: torch.stack([torch.from_numpy(select_map(compute_maps(m, img), "QK", len(m.blocks), 0, None))
+        heat = {key: torch.stack([torch.from_numpy(select_map(compute_maps(m, img), "QK", len(m.blocks), None, None))
                                   for img in x]) for key, m in encoders.items()} if corruption == "clean" else {}
         seg = None
         if segmenter is not None and corruption == "clean":

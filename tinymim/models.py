@@ -170,11 +170,12 @@ def set_fused_attention(model: VisionTransformer, fused: bool) -> None:
 
 
 def choose_attention_kernel(models: list[VisionTransformer], device: torch.device, dtype: torch.dtype | None,
-                            batch: int, reps: int = 3) -> str:
+                            batch: int, reps: int = 3, margin: float = 0.0) -> str:
     """Measure one attention layer (forward + backward, the widest model's width and token
     count, `dtype` autocast) with each kernel, set the faster one on every block of
-    `models`, and name it ('sdpa' or 'math'). Measured, not assumed: on a CPU with AMX, bf16
-    SDPA was ~3x slower than matmul + softmax at 197 tokens; on GPUs SDPA is flash attention."""
+    `models`, and name it ('sdpa' or 'math'); math must beat SDPA by `margin` (a share) to
+    be chosen. Measured, not assumed: on a CPU with AMX, bf16 SDPA was ~3x slower than
+    matmul + softmax at 197 tokens; on GPUs SDPA is flash attention."""
     import copy
     import time
 
@@ -196,7 +197,7 @@ def choose_attention_kernel(models: list[VisionTransformer], device: torch.devic
                 torch.cuda.synchronize(device)
             if i:  # the first call of each kernel pays for its setup
                 best[fused] = min(best.get(fused, float("inf")), time.perf_counter() - t0)
-    fused = min(best, key=best.get)
+    fused = best[False] >= best[True] * (1 - margin)
     for model in models:
         set_fused_attention(model, fused)
     return "sdpa" if fused else "math"

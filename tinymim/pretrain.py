@@ -21,7 +21,8 @@ from .checkpoints import atomic_write_json, load_teacher, save_model
 from .config import PretrainConfig
 from .data import two_view_batches
 from .data.transforms import TwoViews
-from .distill import Distiller, check_pairing, default_teacher_block
+from .devices import resolve_device
+from .distill import Distiller, check_pairing, default_teacher_block, quantize_teacher
 from .models import ModelSpec, build_model, model_spec
 
 
@@ -55,6 +56,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     engine.seed_everything(cfg.seed)  # the student's init is a function of the config seed
     student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
     check_pairing(student, teacher, block, cfg.target)
+    teacher = quantize_teacher(teacher, cfg.teacher_quant, resolve_device(device))  # opt-in; "none" = as loaded
     task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio,
                      views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter), relations=cfg.relations)
     rank, world_size = engine.world()

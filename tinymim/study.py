@@ -232,7 +232,7 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True) -
               "total_seconds": round(time.perf_counter() - start, 1),
               "configs": {name: cfg.to_dict() for name, cfg in run.configs.items()}}
     atomic_write_json(result, result_path)
-    return result
+    return json.loads(result_path.read_text())  # as a resumed study reads it back (tuples as lists)
 
 
 def default_out(budget: str) -> Path:
