@@ -44,6 +44,17 @@ def test_pretrain_resumes_exactly_and_loads_back_as_teacher(tmp_path, teacher_pa
     assert json.loads((tmp_path / "full" / "config.json").read_text())["teacher_block_resolved"] == 6
 
 
+def test_an_int8_teacher_distils_close_to_the_fp32_one(tmp_path, teacher_path):
+    """teacher_quant=int8 (opt-in) trains end to end; its losses track the fp32 teacher's."""
+    cfg = _cfg(teacher_path, steps="3", ckpt_every="3")
+    pretrain(cfg, tmp_path / "fp32", progress=False, device="cpu")
+    pretrain(_cfg(teacher_path, steps="3", ckpt_every="3", teacher_quant="int8"), tmp_path / "int8", progress=False,
+             device="cpu")
+    fp32, int8 = ([r["loss"] for r in engine.read_metrics(tmp_path / d)] for d in ("fp32", "int8"))
+    assert fp32 != int8 and all(abs(a - b) / a < 0.05 for a, b in zip(fp32, int8))
+    assert (tmp_path / "int8" / "student.pth").exists()
+
+
 def test_teacher_arch_must_match_config(tmp_path, teacher_path):
     with pytest.raises(ValueError, match="holds a micro_base"):
         pretrain(_cfg(teacher_path, teacher="micro_small"), tmp_path, progress=False)
