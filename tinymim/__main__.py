@@ -272,7 +272,7 @@ def _args_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None, help="comma-separated rows a-i (default: all; scratch and the "
                                                "teacher always run, and what each row is compared with)")
     p.add_argument("--out", default=None, help="study directory (default: reports/study)")
-    p.add_argument("--budget", default="study", help="study (about 15 min per seed here) | tiny (a machinery check)")
+    p.add_argument("--budget", default="study", help="study (about 20 min per seed here) | tiny (a machinery check)")
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
 
 

@@ -54,10 +54,10 @@ class Budget:
 
 
 BUDGETS = {
-    # ~16 minutes per seed on a 2-core CPU; the numbers in reports/study. Measured on seed 0:
-    # 200 distillation + 300 fine-tuning steps give 25 % top-1 against 17 % from scratch; the
-    # UperNet needs ~500 steps to leave the majority-class floor (7 % mIoU; at 80-300 steps
-    # every arm sits on it), so it gets half the smoke width (32 channels) and batch 16 to afford them
+    # the numbers in reports/study: ~19.5 minutes per seed on an idle 2-core CPU. Calibrated on
+    # seeds 0-1 before: 200 distillation + 300 fine-tuning steps gave 25 % top-1 against 17 % from
+    # scratch; the UperNet needs ~500 steps to leave the majority-class floor (7 % mIoU; at 80-300
+    # steps every arm sat on it), so it gets half the smoke width (32 channels) and batch 16
     "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
                     segmentation_batch=16, segmentation_channels=32, corruption_images=200),
     # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
