@@ -105,7 +105,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     if args.budget not in BUDGETS:
         raise ValueError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
     out = args.out or default_out(args.budget)
-    params = {"seeds": list(range(args.seeds)), "only": only, "budget": args.budget, "device": args.device or "auto"}
+    params = {"seeds": list(range(args.seeds)), "only": only, "budget": args.budget, "device": args.device or "auto",
+              "nproc": args.nproc}
     result = run("smoke", out, ["08"], parameters=params)
     print(f"study: {result.run_dir / 'REPORT.md'} (executed notebook: {result.run_dir / 'notebooks'})")
 
@@ -274,6 +275,8 @@ def _args_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="study directory (default: reports/study)")
     p.add_argument("--budget", default="study", help="study (about 20 min per seed here) | tiny (a machinery check)")
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
 
 
 def _args_pretrain(p: argparse.ArgumentParser) -> None:

@@ -198,8 +198,10 @@ def _key(run: StudyRun) -> str:
     return config_key({name: cfg.to_dict() for name, cfg in run.configs.items()})
 
 
-def execute(run: StudyRun, device: str | None = "auto", progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate one run (each stage resumes); its result.json is the record."""
+def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
+            nproc: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one run (each stage resumes; `nproc` > 1 runs it under torchrun);
+    its result.json is the record."""
     result_path = run.root / "result.json"
     key = _key(run)
     if result_path.exists():
@@ -212,15 +214,15 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True) -
         if name in ("finetune", "segmentation", "robustness"):
             continue
         t = time.perf_counter()
-        train_stage("mae" if name == "mae" else "pretrain", cfg, run.root / name, device, None, progress)
+        train_stage("mae" if name == "mae" else "pretrain", cfg, run.root / name, device, nproc, progress)
         seconds[name] = time.perf_counter() - t
     t = time.perf_counter()
-    model, ft = train_stage("finetune", run.configs["finetune"], run.root / "finetune", device, None, progress)
+    model, ft = train_stage("finetune", run.configs["finetune"], run.root / "finetune", device, nproc, progress)
     seconds["finetune"] = time.perf_counter() - t
     seg: dict[str, Any] = {"mIoU": None}
     if "segmentation" in run.configs:
         t = time.perf_counter()
-        _, seg = train_stage("segmentation", run.configs["segmentation"], run.root / "segmentation", device, None,
+        _, seg = train_stage("segmentation", run.configs["segmentation"], run.root / "segmentation", device, nproc,
                              progress)
         seconds["segmentation"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -247,7 +249,7 @@ def default_out(budget: str) -> Path:
 
 def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1, 2), only: Sequence[str] | None = None,
               budget: str = "study", device: str | None = "auto", progress: bool = True,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, nproc: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the study into `out` (None: `default_out(budget)`); returns every
     run's result. The teacher is the smoke profile's cached MAE micro teacher, copied into
     `out/teacher`."""
@@ -257,12 +259,12 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
         raise ValueError("seeds: at least one seed")
     out = Path(out) if out else default_out(budget)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = smoke_teacher(out / "teacher", progress=progress, device=device)
+    teacher = smoke_teacher(out / "teacher", progress=progress, device=device, nproc=nproc)
     runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher)
     start = time.perf_counter()
     results = []
     for i, run in enumerate(runs, start=1):
-        res = execute(run, device, progress)
+        res = execute(run, device, progress, nproc)
         results.append(res)
         miou = "—" if res["mIoU"] is None else f"{res['mIoU']:.1f}"
         log(f"[{i}/{len(runs)}] {run.arm.name}-s{run.seed}: top-1 {res['top1']:.1f}, mIoU {miou}, "
