@@ -5,7 +5,6 @@ from PIL import Image
 
 from tinymim.data import ADE20K, DataError, ImageNetFolder, SyntheticShapes, SyntheticSpec, reduce_zero_label
 from tinymim.data.synthetic import render
-from tinymim.data.transforms import random_resized_crop_flip
 
 SPEC = SyntheticSpec(image_size=32)
 
@@ -36,24 +35,6 @@ def test_synthetic_labels_masks_and_clutter(tmp_path, monkeypatch):
     # the cache is reused and identical
     again = SyntheticShapes(SPEC, "train", 300)
     assert torch.equal(again.images, ds.images) and len(list(tmp_path.rglob("*.npz"))) == 1
-
-
-def test_batched_random_resized_crop_identity_and_flip():
-    x = torch.rand(16, 3, 16, 16)
-    full = random_resized_crop_flip(x, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, mode="nearest")
-    assert torch.allclose(full, x)
-    g = torch.Generator().manual_seed(0)
-    y = random_resized_crop_flip(x, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), mode="nearest", generator=g)
-    flipped = [bool(torch.allclose(y[i], x[i].flip(-1))) for i in range(16)]
-    kept = [bool(torch.allclose(y[i], x[i])) for i in range(16)]
-    assert all(f != k for f, k in zip(flipped, kept))  # each image exactly as it was, or mirrored
-    assert 3 <= sum(flipped) <= 13  # per-sample coin flips, not one for the whole batch
-    half = random_resized_crop_flip(x, 8, scale=(0.25, 0.25), ratio=(1.0, 1.0), flip=False, mode="nearest",
-                                    generator=g)
-    assert half.shape == (16, 3, 8, 8)
-    # a quarter-area crop at nearest sampling is a contiguous 8 x 8 window of the image
-    windows = x.unfold(2, 8, 1).unfold(3, 8, 1)  # 16 x 3 x 9 x 9 x 8 x 8
-    assert all(any(torch.allclose(half[i], windows[i, :, r, c]) for r in range(9) for c in range(9)) for i in range(16))
 
 
 def _write_image_folder(root, classes, n=2, size=20):

@@ -7,7 +7,7 @@ from torch import nn
 
 from tinymim import engine
 from tinymim.config import get_config
-from tinymim.data import TensorBatches
+from tinymim.data import Augmented, LoaderBatches, MemoryImages, Views
 from tinymim.mae import MAE
 from tinymim.models import ModelSpec, build_model
 
@@ -24,8 +24,11 @@ def _cfg(**kw):
 
 
 def _batches(n=40):
+    """MAE's augmentation of random images through the loader the stages use: resume must be
+    exact with per-sample augmentation on the host and the device half in the engine."""
     g = torch.Generator().manual_seed(1)
-    return TensorBatches(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), batch_size=8, seed=0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return LoaderBatches(Augmented(MemoryImages(images), Views(32, (0.35, 1.0)), seed=0), batch_size=8, seed=0)
 
 
 def _losses(run_dir):

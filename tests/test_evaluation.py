@@ -26,7 +26,7 @@ def test_predict_tensors_and_loaders_batch_by_batch():
 def test_topk_and_confusion_by_hand():
     logits = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [1.0, 3.0, 2.0]])
     labels = torch.tensor([1, 2, 0])
-    assert topk_accuracy(logits, labels, ks=(1, 2)) == pytest.approx({"top1": 100 / 3, "top2": 200 / 3})
+    assert topk_accuracy(logits, labels, ks=(1, 2)) == pytest.approx({"top1": 100 / 3, "top2": 200 / 3, "n": 3})
     conf = confusion_matrix(logits.argmax(1), labels, 3)
     assert conf.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
     assert confusion_matrix(torch.tensor([0, 1]), torch.tensor([255, 1]), 2).tolist() == [[0, 0], [0, 1]]

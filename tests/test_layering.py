@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinymim"
-GROUND = {"config", "devices", "data", "models", "checkpoints", "attention", "evaluation", "engine", "reports"}
+GROUND = {"config", "devices", "distributed", "data", "models", "checkpoints", "attention", "evaluation", "engine", "reports"}
 STAGES = {"mae": "mae", "distill": "pretrain", "pretrain": "pretrain", "finetune": "finetune",
           "segmentation": "segmentation", "robustness": "robustness", "viz": "viz"}  # module -> stage
 LAYER = {**{m: 0 for m in GROUND}, **{m: 1 for m in STAGES}, "pipeline": 2, "launch": 2, "doctor": 2, "explore": 2, "bench": 2, "runner": 3, "study": 3, "__main__": 4}

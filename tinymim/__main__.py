@@ -112,7 +112,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_mae(args: argparse.Namespace) -> None:
-    from .engine import setup_distributed
+    from .distributed import setup as setup_distributed
     from .mae import pretrain_mae
 
     _check_out(args.out)
@@ -121,7 +121,7 @@ def cmd_mae(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from . import pipeline
-    from .engine import setup_distributed
+    from .distributed import setup as setup_distributed
     from .pretrain import pretrain, pretrain_sequential
 
     cfg = _config(args, "pretrain")
@@ -136,7 +136,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .engine import setup_distributed
+    from .distributed import setup as setup_distributed
     from .finetune import train_classifier
 
     cfg = _config(args, "finetune")
@@ -158,7 +158,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from .engine import setup_distributed
+    from .distributed import setup as setup_distributed
     from .segmentation import train_segmentation
 
     cfg = _config(args, "segmentation")
@@ -182,7 +182,9 @@ def cmd_robustness(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    if args.what == "distill":
+    if args.what == "data":
+        record = bench.bench_data(args.images, device=args.device)
+    elif args.what == "distill":
         record = bench.bench_distill(args.student, args.teacher, args.batch, args.steps, args.precision, args.compile,
                                      args.device, teacher_quant=args.teacher_quant)
     elif args.what == "finetune":
@@ -217,7 +219,8 @@ def cmd_check_data(args: argparse.Namespace) -> None:
 
 
 def _args_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["distill", "finetune", "eval"])
+    p.add_argument("what", choices=["distill", "finetune", "eval", "data"])
+    p.add_argument("--images", type=int, default=96, help="data: how many ImageNet-like JPEGs to generate and read")
     p.add_argument("--student", default="vit_tiny", help="the student (distill) or the model (finetune, eval)")
     p.add_argument("--teacher", default="vit_base")
     p.add_argument("--batch", type=int, default=8)
@@ -394,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import teardown
+
+        teardown()
     return 0
 
 

@@ -42,8 +42,11 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor, block: int | 
 
 
 def relation_logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a bᵀ / sqrt(d_h): the logits of a Q-K (a=q, b=k) or V-V (a=b=v) relation."""
-    return a @ b.transpose(-2, -1) * a.shape[-1] ** -0.5
+    """a bᵀ / sqrt(d_h): the logits of a Q-K (a=q, b=k) or V-V (a=b=v) relation, in fp32 even
+    under autocast -- the KL of the distillation loss compares softmaxes of these, and bf16
+    logits would round away differences of the loss's own size (fp16 may overflow)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().transpose(-2, -1) * a.shape[-1] ** -0.5
 
 
 @torch.no_grad()

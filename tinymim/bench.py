@@ -16,14 +16,17 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .attention import relation_logits
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype, peak_memory, reset_peak_memory, resolve_device, sync
 from .distill import Distiller, default_teacher_block, kl_from_logits, quantize_teacher
 from .models import ModelSpec, build_model, choose_attention_kernel, set_fused_attention
 from .pretrain import build_student
@@ -31,20 +34,15 @@ from .pretrain import build_student
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(dtype: torch.dtype | None, device: torch.device, reps: int = 5, max_n: int = 8192) -> float:
     """FLOP/s of the best of `reps` square matmuls in `dtype`: the ceiling a step can reach.
     The size grows from 256 until one matmul takes 50 ms (a CPU's emulated bf16 runs at
     ~1 GFLOP/s: a fixed large size would take minutes there)."""
     def once(a: torch.Tensor, b: torch.Tensor) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     n = 256
@@ -105,16 +103,12 @@ def _timed(step: Callable[[], Any], steps: int, device: torch.device) -> list[fl
     step()  # warm-up: kernel choice, allocation
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _peak_memory(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def _train_step(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], dtype: torch.dtype | None,
@@ -168,9 +162,10 @@ def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: i
         return run_task(sv, tv)[0]
     flops = count_flops(lambda: task(sv, tv)[0].backward(), [s_model, t_model]) / batch
     s_model.zero_grad(set_to_none=True)
+    reset_peak_memory(dev)  # the peak of the timed steps, not of the FLOP-counting pass
     default_times = _timed(_train_step(forward, [p for p in s_model.parameters() if p.requires_grad], dtype, dev),
                            steps, dev)
-    default_mem = _peak_memory(dev)
+    default_mem = peak_memory(dev)
     quant = _quantized_teacher_step(task, s_model, t_model, block, teacher_quant, sv, tv, dtype, dev, steps,
                                     batch / statistics.median(default_times)) if teacher_quant != "none" else None
 
@@ -181,10 +176,9 @@ def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: i
         if name == "same" and ref_dtype is None:
             results["same"] = results["fp32"]
             break
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        reset_peak_memory(dev)
         step = _train_step(lambda: reference_loss(ref_student, t_model, block, sv, tv), ref_params, ref_dtype, dev)
-        results[name] = (_timed(step, steps, dev), _peak_memory(dev))
+        results[name] = (_timed(step, steps, dev), peak_memory(dev))
     ref_flops = count_flops(lambda: reference_loss(ref_student, t_model, block, sv, tv).backward(),
                             [ref_student, t_model]) / batch
     ref_student.zero_grad(set_to_none=True)
@@ -235,7 +229,7 @@ def bench_finetune(model: str = "vit_small", batch: int = 8, steps: int = 5, pre
     """The fine-tuning step of the paper recipe (Mixup/CutMix, label smoothing, layer decay
     groups do not change the arithmetic) on random 224 px images."""
     from .config import get_config
-    from .finetune import Classifier, build_classifier
+    from .finetune import Classifier, build_classifier, recipe
 
     dev = resolve_device(device)
     dtype = PRECISIONS[precision] if precision else autocast_dtype("auto", dev)
@@ -244,14 +238,19 @@ def bench_finetune(model: str = "vit_small", batch: int = 8, steps: int = 5, pre
     net = build_classifier(cfg).to(dev)
     kernel = choose_attention_kernel([net], dev, dtype, batch)
     task = Classifier(net, cfg)
-    images = torch.randint(0, 256, (batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8).to(dev)
-    labels = torch.randint(0, cfg.num_classes, (batch,)).to(dev)
-    flops = count_flops(lambda: task(images, labels)[0].backward(), [net]) / batch
+    crops = {"image": torch.randint(0, 256, (batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8),
+             "label": torch.randint(0, cfg.num_classes, (batch,))}
+    augment = recipe(cfg)  # the device half: normalisation, erasing, Mixup/CutMix, each step
+
+    def loss() -> torch.Tensor:
+        return task(*augment.device(crops, dev))[0]
+    flops = count_flops(lambda: loss().backward(), [net]) / batch
     net.zero_grad(set_to_none=True)
-    times = _timed(_train_step(lambda: task(images, labels)[0], list(net.parameters()), dtype, dev), steps, dev)
+    reset_peak_memory(dev)
+    times = _timed(_train_step(loss, list(net.parameters()), dtype, dev), steps, dev)
     name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return {"bench": "finetune", "model": model, "batch": batch, "device": str(dev), "precision": name,
-            "attention": kernel, "steps_timed": steps, "peak_mem_gib": _peak_memory(dev),
+            "attention": kernel, "steps_timed": steps, "peak_mem_gib": peak_memory(dev),
             **_rates(flops, batch / statistics.median(times), matmul_peak(dtype, dev))}
 
 
@@ -268,8 +267,152 @@ def bench_eval(model: str = "vit_small", batch: int = 64, steps: int = 5, device
     images = torch.randint(0, 256, (batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8)
     with torch.no_grad():
         flops = count_flops(lambda: predict(net, images, "cpu", batch_size=batch), [net]) / batch
+    reset_peak_memory(dev)
     times = _timed(lambda: predict(net, images, dev, batch_size=batch), steps, dev)
     dtype = autocast_dtype("auto", dev) if dev.type == "cuda" else None
     return {"bench": "eval", "model": model, "batch": batch, "device": str(dev),
             "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "steps_timed": steps,
-            "peak_mem_gib": _peak_memory(dev), **_rates(flops, batch / statistics.median(times), matmul_peak(dtype, dev))}
+            "peak_mem_gib": peak_memory(dev), **_rates(flops, batch / statistics.median(times), matmul_peak(dtype, dev))}
+
+
+# ---------------------------------------------------------------------------------
+# the input pipeline
+
+
+def imagenet_like_jpegs(root: Path, n: int, classes: int = 2, seed: int = 0) -> float:
+    """`n` JPEGs like ImageNet's photographs in `classes` folders under `root`: 500 x 375,
+    colour noise with the 1/f amplitude spectrum of natural images, quality 90 -> about 110 KB
+    each (smooth synthetic JPEGs decode twice as fast and would flatter any ratio). Returns
+    their mean size in KB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = 375, 500
+    f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None] ** 2)
+    f[0, 0] = 1.0
+    sizes = []
+    for i in range(n):
+        common = rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)
+        channels = [np.fft.irfft2((0.7 * common + 0.3 * (rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)))
+                                  / f ** 1.05, s=(h, w)) for _ in range(3)]
+        x = np.stack(channels, -1)
+        x = (x - x.mean()) / x.std() * 50 + 120 + rng.uniform(-30, 30, 3)
+        folder = root / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:05d}.JPEG"
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(path, quality=90)
+        sizes.append(path.stat().st_size)
+    return float(np.mean(sizes)) / 1024
+
+
+def _worker_loader(dataset: Any, collate_fn: Callable, n: int, batch: int):
+    """`dataset`'s first `n` samples in batches from one DataLoader worker process (one core,
+    its torch threads at 1 as DataLoader sets them), kept alive between epochs."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch, sampler=list(range(n)), collate_fn=collate_fn, num_workers=1,
+                      persistent_workers=True, prefetch_factor=4)
+
+
+def _best_ms(loaders: dict[str, Any], n: int, rounds: int = 3) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """Milliseconds per image of each loader's epoch, best of `rounds`, the loaders taking turns
+    so that a busy moment of the host does not fall on one of them (the first round also brings
+    the files into the page cache); and each loader's batches."""
+    best = dict.fromkeys(loaders, float("inf"))
+    batches: dict[str, list[Any]] = {}
+    for _ in range(rounds):
+        for name, loader in loaders.items():
+            t0 = time.perf_counter()
+            batches[name] = list(loader)
+            best[name] = min(best[name], 1000 * (time.perf_counter() - t0) / n)
+    return best, batches
+
+
+def _bytes(sample: Any) -> int:
+    if isinstance(sample, torch.Tensor):
+        return sample.numel() * sample.element_size()
+    if isinstance(sample, dict):
+        return sum(_bytes(v) for v in sample.values())
+    if isinstance(sample, (list, tuple)):
+        return sum(_bytes(v) for v in sample)
+    return 0
+
+
+class _Keyed:
+    """`Augmented` indexed by sample alone (epoch 0), for a plain DataLoader."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[(0, i)]
+
+
+def _pipeline_rows(reference: Any, recipes: dict[str, Any], root: Path, n: int, batch: int,
+                   dev: torch.device) -> dict[str, Any]:
+    """The reference (torchvision's ImageFolder with the release's transform, default collate)
+    and each mode: worker-side ms per image (decode + host half + collate) in a real worker
+    process, its rate per core, the ratio to the reference, bytes per sample handed over, and
+    the device half's ms per image on `dev`."""
+    from torch.utils.data import default_collate
+    from torchvision.datasets import ImageFolder
+
+    from .data import Augmented, ImageNetFolder
+    from .data.augment import collate
+
+    ref_ds = ImageFolder(str(root), transform=reference)
+    datasets = {mode: Augmented(ImageNetFolder(root), recipe, seed=0) for mode, recipe in recipes.items()}
+    loaders = {"reference": _worker_loader(ref_ds, default_collate, n, batch),
+               **{mode: _worker_loader(_Keyed(ds), collate, n, batch) for mode, ds in datasets.items()}}
+    ms, batches_ = _best_ms(loaders, n)
+    rows: dict[str, Any] = {"reference": {"worker_ms_per_image": round(ms["reference"], 3),
+                                          "worker_images_per_s_per_core": round(1000 / ms["reference"], 1),
+                                          "bytes_per_sample": _bytes(ref_ds[0])}}
+    for mode, recipe in recipes.items():
+        recipe.device(batches_[mode][0], dev)  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        for b in batches_[mode]:
+            recipe.device(b, dev)
+        sync(dev)
+        rows[mode] = {"worker_ms_per_image": round(ms[mode], 3),
+                      "worker_images_per_s_per_core": round(1000 / ms[mode], 1),
+                      "speedup_vs_reference": round(ms["reference"] / ms[mode], 2),
+                      "bytes_per_sample": _bytes(datasets[mode][(0, 0)]),
+                      "device_ms_per_image": round(1000 * (time.perf_counter() - t0) / n, 3)}
+    return rows
+
+
+def bench_data(images: int = 96, batch: int = 32, device: str | torch.device | None = "auto",
+               input_size: int = 224) -> dict[str, Any]:
+    """Images/s per worker core of the two-view distillation pipeline and of fine-tuning's
+    RandAugment pipeline, in each augmentation mode, against torchvision's ImageFolder with the
+    release's transforms for the same recipe, measured in the same run on ImageNet-like JPEGs
+    (`imagenet_like_jpegs`). Worker-side work is what stays on the host CPU when the device is
+    a GPU; the device half is timed separately, on `device`."""
+    import tempfile
+
+    from .config import get_config
+    from .finetune import recipe as finetune_recipe
+    from .pretrain import views
+
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "train"
+        kb = imagenet_like_jpegs(root, images)
+        pre = get_config("pretrain", "vit_small", "paper", {"input_size": input_size})
+        ft = get_config("finetune", "vit_small", "paper", {"input_size": input_size})
+        pre_modes = {m: views(replace(pre, augment=m), torch.device("cpu")) for m in ("host", "device")}
+        pre_modes["device+decode"] = replace(pre_modes["device"], device_decode=True)
+        pipelines = {
+            "pretrain": _pipeline_rows(views(replace(pre, augment="reference"), dev)._reference,
+                                       pre_modes, root, images, batch, dev),
+            "finetune": _pipeline_rows(finetune_recipe(replace(ft, augment="reference"))._part("reference"),
+                                       {"host": finetune_recipe(ft)}, root, images, batch, dev),
+        }
+    return {"bench": "data", "images": images, "jpeg_kb": round(kb, 1), "image_size": "500x375",
+            "input_size": input_size, "device": str(dev), "pipelines": pipelines,
+            "note": "worker side: one DataLoader worker process (one core); device side: on the device, per image"}

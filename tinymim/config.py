@@ -25,6 +25,9 @@ from typing import Any, Union
 import numpy as np
 
 PROFILES = ("smoke", "paper")
+# where the training augmentation's crop runs (data/augment.py): data workers, the device, or
+# the release's PIL transforms verbatim
+AUGMENT_MODES = ("host", "device", "reference")
 # (is the MAE stage, profile) -> default model: students distil, teachers are MAE-trained
 DEFAULT_MODELS = {(False, "smoke"): "micro_tiny", (False, "paper"): "vit_small",
                   (True, "smoke"): "micro_base", (True, "paper"): "vit_base"}
@@ -156,6 +159,7 @@ class BaseConfig:
     drop_path: float = 0.1
     amp: str = "auto"  # auto | bf16 | fp16 | none
     num_workers: int | None = None  # data-loader processes per device; None = from the CPUs present
+    augment: str = "host"  # host | device | reference: where the training augmentation runs (data/augment.py)
     log_every: int = 20
     ckpt_every: int = 500
 
@@ -186,6 +190,8 @@ class BaseConfig:
             raise ConfigError(f"schedule: expected 'cosine' or 'linear', got {self.schedule!r}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ConfigError(f"amp: expected auto|bf16|fp16|none, got {self.amp!r}")
+        if self.augment not in AUGMENT_MODES:
+            raise ConfigError(f"augment: expected one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"drop_path: expected a value in [0, 1), got {self.drop_path}")
 
@@ -268,6 +274,9 @@ class FinetuneConfig(BaseConfig):
             raise ConfigError(f"global_pool: expected avg|token, got {self.global_pool!r}")
         if self.dist_token:
             self.global_pool = "token"  # DeiT pools the class and distillation tokens: record what runs
+        if self.augment == "device" and self.rand_augment:
+            raise ConfigError("augment=device: RandAugment exists only as PIL operations, which run in the data "
+                              "workers; use augment=host, or rand_augment='' to crop on the device")
 
 
 @dataclass
@@ -286,6 +295,9 @@ class SegmentationConfig(BaseConfig):
 
     def finalize(self) -> None:
         super().finalize()
+        if self.augment != "host":
+            raise ConfigError(f"augment: segmentation's ADE20K pipeline runs in the data workers (host); "
+                              f"got {self.augment!r}")
         if self.slide_stride > self.input_size:
             raise ConfigError(f"slide_stride: {self.slide_stride} is larger than the window (input_size "
                               f"{self.input_size}): pixels between windows would never be predicted")

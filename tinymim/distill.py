@@ -6,8 +6,6 @@ The q/k/v capture these targets are computed from lives in `attention.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -52,8 +50,7 @@ def check_pairing(student: VisionTransformer, teacher: VisionTransformer, teache
 
 
 class Distiller(nn.Module):
-    """TinyMIM distillation task: forward(images) or forward(student_view, teacher_view)
-    -> (loss, parts).
+    """TinyMIM distillation task: forward(student_view, teacher_view) -> (loss, parts).
 
     target='relation' (the paper): Q-K and V-V relations of the teacher's block
     `teacher_block` and the student's last block, KL per head, loss = QK + VV
@@ -63,19 +60,19 @@ class Distiller(nn.Module):
     ablations. `mask_ratio` > 0 drops that share of the student's patch tokens (the
     masking ablation); the teacher's targets are restricted to the kept tokens.
     The teacher runs only up to its target block, in inference mode; the student stops
-    after the target attention, so its last projection, MLP and norm never train here.
+    after the target attention (relations) or its last block (feature, class token), so what
+    lies beyond never trains here -- and is frozen, because DDP requires every parameter it
+    sees to take part in the loss.
     """
 
     def __init__(self, student: VisionTransformer, teacher: VisionTransformer, teacher_block: int | None = None,
-                 target: str = "relation", mask_ratio: float = 0.0, views: Callable | None = None,
-                 relations: tuple[str, ...] = ("qk", "vv")):
+                 target: str = "relation", mask_ratio: float = 0.0, relations: tuple[str, ...] = ("qk", "vv")):
         super().__init__()
         if target not in ("relation", "feature", "cls"):
             raise ValueError(f"target: expected relation|feature|cls, got {target!r}")
         if not relations or not set(relations) <= {"qk", "vv"}:
             raise ValueError(f"relations: expected a non-empty subset of ('qk', 'vv'), got {relations!r}")
         self.relations = tuple(sorted(set(relations)))
-        self.views = views  # uint8 batch -> (student_view, teacher_view), for in-memory data
         self.teacher_block = teacher_block or default_teacher_block(teacher)
         check_pairing(student, teacher, self.teacher_block, target)
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
@@ -84,6 +81,7 @@ class Distiller(nn.Module):
         if target != "relation":  # feature targets use the full last block output
             widths_differ = student.embed_dim != teacher.embed_dim
             self.proj = nn.Linear(student.embed_dim, teacher.embed_dim) if widths_differ else nn.Identity()
+            student.norm.requires_grad_(False)  # the targets are the block's output, before any final norm
         else:
             # stops after the target attention: these never receive gradient
             for m in (student.blocks[-1].attn.proj, student.blocks[-1].ls1, student.blocks[-1].norm2,
@@ -121,14 +119,8 @@ class Distiller(nn.Module):
                 out = {"tokens": blk(x)}
         return {k: v.clone() for k, v in out.items()}  # leave inference mode: usable in autograd
 
-    def forward(self, images: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """uint8 images (views made here) or (student_view, teacher_view[, labels])."""
-        if images.dtype == torch.uint8:
-            if self.views is None:
-                raise ValueError("uint8 images need a `views` function to make the two views")
-            student_view, teacher_view = self.views(images)
-        else:
-            student_view, teacher_view = images, rest[0]
+    def forward(self, student_view: torch.Tensor, teacher_view: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Normalised views (`data.augment.Views`): the student's jittered, the teacher's not."""
         targets = self._teacher_targets(teacher_view)
         keep = self._keep_index(student_view.shape[0], student_view.device)
         s = self.student

@@ -17,22 +17,32 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import engine
 from .config import BaseConfig, get_config
-from .data import TensorBatches, two_view_batches
-from .data.transforms import TwoViews
-from .devices import autocast_dtype, default_workers, environment, gpu_count, resolve_device
+from .data import MemoryImages, Segment, Views
+from .data import batches as data_batches
+from .devices import (
+    PREFETCH,
+    autocast_dtype,
+    default_workers,
+    environment,
+    gpu_count,
+    is_oom,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    sync,
+)
 from .distill import Distiller, default_teacher_block
 from .evaluation import predict
-from .finetune import Classifier, build_classifier, classification_batches
+from .finetune import Classifier, build_classifier
+from .finetune import recipe as finetune_recipe
 from .mae import MAE
 from .models import ModelSpec, build_model
 from .pretrain import build_student
@@ -59,8 +69,7 @@ def _task(stage: str, cfg: BaseConfig) -> tuple[torch.nn.Module, torch.nn.Module
         teacher = build_model(ModelSpec.create(cfg.teacher, img_size=cfg.input_size))
         block = cfg.teacher_block or default_teacher_block(teacher)
         student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
-        views = TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter)
-        return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, views=views, relations=cfg.relations), None, None
+        return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, relations=cfg.relations), None, None
     if stage == "finetune":
         model = build_classifier(cfg)
         return Classifier(model, cfg), model, cfg.layer_decay
@@ -68,45 +77,46 @@ def _task(stage: str, cfg: BaseConfig) -> tuple[torch.nn.Module, torch.nn.Module
     return SegmentationTask(model, cfg), model, cfg.layer_decay
 
 
-def _batch(stage: str, cfg: BaseConfig, n: int) -> tuple[torch.Tensor, ...]:
-    """Random uint8 images (the tasks augment in-memory batches on the device) + labels/masks."""
+def _batches(stage: str, cfg: BaseConfig, n: int, device: torch.device):
+    """The stage's own augmentation over `n` random uint8 images (+ labels / masks) held in
+    memory: the host half runs once here, the device half in every timed step, as in a run."""
     g = torch.Generator().manual_seed(0)
     size = cfg.input_size + (cfg.input_size // 8 if stage == "segmentation" else 0)  # crops, as ADE20K's
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    if stage == "finetune":
-        return images, torch.randint(0, cfg.num_classes, (n,), generator=g)
-    if stage == "segmentation":
-        return images, torch.randint(0, cfg.num_classes, (n, size, size), generator=g)
-    return (images,)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    labels = torch.randint(0, getattr(cfg, "num_classes", 1), (n,), generator=g)
+    masks = torch.randint(0, getattr(cfg, "num_classes", 1), (n, size, size), generator=g)
+    source = MemoryImages(images, labels, masks)
+    if stage in ("mae", "pretrain"):
+        recipe = Views(cfg.input_size, tuple(cfg.crop_scale), getattr(cfg, "color_jitter", None) if stage == "pretrain"
+                       else None, cfg.augment, device_decode=device.type == "cuda")
+    elif stage == "finetune":
+        recipe = finetune_recipe(cfg)
+    else:
+        recipe = Segment(cfg.input_size, (4 * cfg.input_size, cfg.input_size))
+    return data_batches(_with(cfg, num_workers=0), source, recipe)
 
 
 def _time_steps(stage: str, cfg: BaseConfig, micro: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Build the stage's task and optimiser at micro-batch `micro`, take one warm-up step,
-    then `steps` timed ones: images/s (median of the steps) and peak memory."""
+    then `steps` timed ones: images/s (median of the steps) and peak memory of the steps."""
     cfg = _with(cfg, batch_size=micro, micro_batch_size=None, steps=steps + 1, warmup_steps=0, warmup_epochs=0)
     task, optimize, decay = _task(stage, cfg)
-    batch = _batch(stage, cfg, micro)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    batches = _batches(stage, cfg, micro, device)
     with tempfile.TemporaryDirectory() as tmp:
-        run = engine.start_run(task, TensorBatches(*batch, batch_size=micro), cfg, Path(tmp), device, optimize, decay)
+        run = engine.start_run(task, batches, cfg, Path(tmp), device, optimize, decay)
+        step = next(batches.epoch(0, 0, micro))
         task.train()
         times = []
         for i in range(steps + 1):
-            _sync(device)
+            if i == 1:  # the first step pays for kernel selection and allocation: not in the peak either
+                reset_peak_memory(device)
+            sync(device)
             t0 = time.perf_counter()
-            engine.train_step(run, batch)
-            _sync(device)
-            if i:  # the first step pays for kernel selection and allocation
+            engine.train_step(run, step)
+            sync(device)
+            if i:
                 times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"images_per_s": micro / statistics.median(times), "peak_mem_gib": peak}
+    return {"images_per_s": micro / statistics.median(times), "peak_mem_gib": peak_memory(device)}
 
 
 def _with(cfg: BaseConfig, **values: Any) -> BaseConfig:
@@ -117,12 +127,14 @@ def _with(cfg: BaseConfig, **values: Any) -> BaseConfig:
 
 def _largest_fit(stage: str, cfg: BaseConfig, cap: int, device: torch.device) -> int:
     """The largest power-of-two micro-batch (8 .. cap) that trains without running out of
-    GPU memory."""
+    GPU memory (the allocator's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate)."""
     best, micro = 0, 8
     while micro <= cap:
         try:
             _time_steps(stage, cfg, micro, 1, device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_oom(e):
+                raise
             break
         finally:
             torch.cuda.empty_cache()
@@ -172,10 +184,10 @@ def check_evaluation(model: str, profile: str, device: torch.device, devices: in
     predict(classifier, images[: min(n, 8)], device, batch_size=n)  # warm-up
     times = []
     for _ in range(3):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         predict(classifier, images, device, batch_size=n)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     rate = n / statistics.median(times) * devices
     return {"check": "evaluate", "model": model, "input_size": cfg.input_size, "device": str(device),
@@ -185,48 +197,35 @@ def check_evaluation(model: str, profile: str, device: torch.device, devices: in
             "assumes": f"the {devices} device(s) evaluate disjoint shards"}
 
 
-def _write_jpegs(root: Path, n: int) -> None:
-    """`n` ImageNet-like JPEGs (500 x 375, smooth content, quality 90) in two class folders."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / "train" / f"n{i % 2:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-        small.resize((500, 375), Image.BICUBIC).save(folder / f"{i}.JPEG", quality=90)
+def check_data(profile: str, devices: int, training: list[dict[str, Any]], device: torch.device,
+               micro: int = 64) -> list[dict[str, Any]]:
+    """The JPEG pipelines (distillation's two views, fine-tuning's RandAugment) at this
+    profile's input size, measured per worker core as `tinymim bench data` measures them,
+    scaled by the workers one training process gets here, against the fastest consumer among
+    the timed stages; and the host memory a process keeps in flight (workers x prefetch x
+    micro-batch)."""
+    from .bench import bench_data
 
-
-def check_data(profile: str, devices: int, training: list[dict[str, Any]], images: int = 192) -> list[dict[str, Any]]:
-    """Decode + augment throughput of the JPEG pipelines (distillation's two views,
-    fine-tuning's RandAugment) with the workers one training process gets here, against the
-    fastest consumer among the timed stages."""
-    workers = default_workers(devices) if profile == "paper" else 0
+    workers = default_workers(devices)
+    record = bench_data(images=24, device=device, input_size=get_config("pretrain", None, profile).input_size)
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_jpegs(Path(tmp), images)
-        for stage, make in (("pretrain", two_view_batches), ("finetune", classification_batches)):
-            cfg = get_config(stage, None, profile, {"data": tmp, "batch_size": 32, "num_workers": workers})
-            batches = make(cfg)
-            t0, seen = None, 0
-            for i, batch in enumerate(_take(batches.epoch(0), len(batches))):
-                if i == 0:  # worker start-up is paid once per run (persistent workers)
-                    t0 = time.perf_counter()
-                    continue
-                seen += len(batch[-1])  # the labels: one per image (the views come as a pair)
-            rate = seen / (time.perf_counter() - t0) if seen else float("nan")
-            consumers = [r["images_per_s"] for r in training if r["stage"] == stage]
-            need = max(consumers) if consumers else None
-            out.append({"check": "data", "pipeline": stage, "workers_per_process": workers,
-                        "images_per_s": round(rate, 1), "fastest_consumer_images_per_s": need,
-                        "keeps_up": None if need is None else rate >= need,
-                        "note": "per training process; raise num_workers (--set num_workers=N) if it does not keep up"})
+    for stage, rows in record["pipelines"].items():
+        row = rows["host"]  # the default mode (config `augment`)
+        rate = row["worker_images_per_s_per_core"] * max(1, workers)
+        consumers = [r["images_per_s"] for r in training if r["stage"] == stage]
+        need = max(consumers) if consumers else None
+        keeps_up = None if need is None else rate >= need
+        note = "per training process, workers on separate cores assumed"
+        if keeps_up is False:
+            note += ("; does not keep up: try --set augment=device (crop on the device)" if "device" in rows
+                     else "; does not keep up: raise num_workers if there are idle cores")
+        out.append({"check": "data", "pipeline": stage, "mode": "host", "workers_per_process": workers,
+                    "worker_images_per_s_per_core": row["worker_images_per_s_per_core"],
+                    "images_per_s": round(rate, 1), "device_ms_per_image": row["device_ms_per_image"],
+                    "fastest_consumer_images_per_s": need, "keeps_up": keeps_up,
+                    "in_flight_mib": round(max(1, workers) * PREFETCH * micro * row["bytes_per_sample"] / 2**20, 1),
+                    "in_flight_for": f"{max(1, workers)} workers x {PREFETCH} x micro-batch {micro}", "note": note})
     return out
-
-
-def _take(it: Iterable, n: int) -> Iterable:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
 
 
 def _round(v: float | None) -> float | None:
@@ -248,7 +247,7 @@ def run_doctor(profile: str = "paper", steps: int = 3, device: str | None = "aut
         results.append(record)
         emit(record)
 
-    report({"check": "environment", **environment(), "device": str(dev), "devices_used": devices})
+    report({"check": "environment", **environment(free_memory=True), "device": str(dev), "devices_used": devices})
     wanted = set(only or ["mae", "pretrain", "finetune", "segmentation", "evaluate", "data"])
     for stage, model, teacher in TRAINING[profile]:
         if stage in wanted:
@@ -257,7 +256,7 @@ def run_doctor(profile: str = "paper", steps: int = 3, device: str | None = "aut
         for model in EVALUATION[profile]:
             report(check_evaluation(model, profile, dev, devices, batch))
     if "data" in wanted:
-        for record in check_data(profile, devices, [r for r in results if r["check"] == "train"]):
+        for record in check_data(profile, devices, [r for r in results if r["check"] == "train"], dev):
             report(record)
     report({"check": "done", "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
     return results

@@ -15,7 +15,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +23,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoints import CheckpointError, atomic_save, atomic_write, sweep_temp_files
 from .config import BaseConfig, derive_seed
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype
 from .models import choose_attention_kernel, set_fused_attention
 
 
@@ -40,11 +40,15 @@ class TrainingDiverged(RuntimeError):
 
 
 class Batches(Protocol):
-    """What the engine iterates: per-rank batches, reproducible from (epoch, start)."""
+    """What the engine iterates (`data.batches`): per step, this rank's micro-batches as the
+    host made them, reproducible from (epoch, start); `prepare` makes one the task's inputs
+    on the device (the device half of the augmentation, in fp32, outside autocast)."""
 
-    def __len__(self) -> int: ...  # batches per epoch
+    def __len__(self) -> int: ...  # steps per epoch
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Sequence[torch.Tensor]]: ...
+    def epoch(self, epoch: int, start: int = 0, micro: int | None = None) -> Iterator[list[Any]]: ...
+
+    def prepare(self, micro_batch: Any, device: torch.device) -> Sequence[torch.Tensor]: ...
 
 
 @dataclass
@@ -115,24 +119,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: BaseConfig, plan: Pla
     return CosineLRScheduler(optimizer, **common)
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def setup_distributed(device: str | torch.device | None = "auto") -> torch.device:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU, also
-    across nodes) and return this process's device (`devices.resolve_device`)."""
-    dev = resolve_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def _frozen_keys(task: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes of the submodules a task marks as frozen (`frozen_modules`):
     a teacher is rebuilt from its own checkpoint, never optimised or checkpointed here."""
@@ -159,25 +145,53 @@ class Run:
     device: torch.device
     dtype: torch.dtype | None
     ckpt_path: Path
+    prepare: Callable[[Any, torch.device], Sequence[torch.Tensor]]  # the batches' device half
     step: int = 0
     attention_kernel: str | None = None  # 'sdpa' | 'math' in every ViT of the task; None: no ViT
+
+
+def _wrap(task: nn.Module, device: torch.device) -> nn.Module:
+    """DDP of the task's trained part: the frozen modules' parameters and buffers (a teacher)
+    are ignored -- never broadcast or all-reduced, so a BatchNorm teacher's buffers or a
+    quantised teacher's weights do not travel every step."""
+    frozen = _frozen_keys(task)
+    if frozen:
+        names = [n for n, _ in (*task.named_parameters(), *task.named_buffers()) if n.startswith(frozen)]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, names)
+    return nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _cast_frozen(task: nn.Module, dtype: torch.dtype | None) -> None:
+    """In a bf16 run, the frozen modules' weights in bf16 once, instead of autocast casting the
+    fp32 weights again at every forward (it caches casts only of weights that require grad).
+    Modules holding quantised or tensor-subclass weights are left as they are."""
+    if dtype != torch.bfloat16:
+        return
+    for name in getattr(task, "frozen_modules", ()):
+        module = getattr(task, name, None)
+        if module is None:
+            continue
+        tensors = [*module.parameters(), *module.buffers()]
+        plain = all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 for t in tensors)
+        quantised = any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+        if plain and not quantised:
+            module.to(torch.bfloat16)
 
 
 def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path, device: torch.device,
               optimize: nn.Module | None = None, layer_decay: float | None = None) -> Run:
     """Build optimiser/scheduler/scaler, then resume from run_dir/checkpoint.pth if present.
     `train` drives it; `doctor` times `train_step` on it directly."""
-    rank, world_size = world()
+    rank, world_size = distributed.world()
     plan = make_plan(cfg, len(batches), world_size)
     task.to(device)
     optimizer = build_optimizer(optimize if optimize is not None else task, cfg, layer_decay)
     dtype = autocast_dtype(cfg.amp, device)
-    model = task
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+    _cast_frozen(task, dtype)
+    model = _wrap(task, device) if world_size > 1 else task
     run = Run(task, model, optimizer, build_scheduler(optimizer, cfg, plan),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), plan, cfg, device, dtype,
-              run_dir / "checkpoint.pth")
+              run_dir / "checkpoint.pth", batches.prepare)
     sweep_temp_files(run_dir)
     state = _load_training_state(run_dir)
     if state is not None:
@@ -186,12 +200,28 @@ def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path,
         optimizer.load_state_dict(state["optimizer"])
         run.scaler.load_state_dict(state["scaler"])
         run.step = state["step"]
-        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        _restore_rng(state["rng"], rank, world_size, cfg.seed, run.step, run.ckpt_path)
     else:
         seed_everything(derive_seed(cfg.seed, "train", rank))
     run.attention_kernel = _attention_kernel(task, device, dtype, plan.micro_batch,
                                              state.get("attention_kernel") if state else None)
     return run
+
+
+def _restore_rng(saved: Any, rank: int, world_size: int, seed: int, step: int, path: Path) -> None:
+    """Each rank's RNG state as the checkpoint holds it. Resumed on another number of ranks,
+    the data order and every host-side augmentation still continue exactly (they are seeded
+    per sample); the ranks' own streams (drop path, masking, Mixup) start afresh, said."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world_size:
+        _set_rng_state(states[rank])
+        return
+    if rank == 0:
+        warnings.warn(f"{path}: written by {len(states)} rank(s), resumed on {world_size}: the data order and the "
+                      f"per-sample augmentation continue exactly; each rank's own random stream (drop path, "
+                      f"masking, Mixup) restarts from a seed, so the run is not bit-identical to an uninterrupted one",
+                      stacklevel=3)
+    seed_everything(derive_seed(seed, "train", rank, "resumed", step))
 
 
 def _attention_kernel(task: nn.Module, device: torch.device, dtype: torch.dtype | None, micro_batch: int,
@@ -212,10 +242,7 @@ def _attention_kernel(task: nn.Module, device: torch.device, dtype: torch.dtype 
         if dtype is not None:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 kernel = choose_attention_kernel(vits, device, dtype, micro_batch, margin=0.1)
-        if world()[1] > 1:
-            choice = [kernel]
-            dist.broadcast_object_list(choice, src=0)
-            kernel = choice[0]
+        kernel = distributed.broadcast_object(kernel)
     for vit in vits:
         set_fused_attention(vit, kernel == "sdpa")
     return kernel
@@ -245,13 +272,8 @@ def _load_training_state(run_dir: Path) -> dict[str, Any] | None:
 
 def _save(run: Run) -> None:
     """Atomic checkpoint of everything an exact resume needs (every rank's RNG states)."""
-    rank, world_size = world()
-    rngs = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(rngs, _rng_state())
-    else:
-        rngs = [_rng_state()]
-    if rank == 0:
+    rngs = distributed.gather_objects(_rng_state())
+    if distributed.world()[0] == 0:
         atomic_save({"task": _trainable_state(run.task), "optimizer": run.optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "step": run.step, "rng": rngs,
                      "config": run.cfg.to_dict(), "plan": run.plan.__dict__,
@@ -259,23 +281,22 @@ def _save(run: Run) -> None:
                     previous=run.ckpt_path.with_name("checkpoint-prev.pth"))
 
 
-def train_step(run: Run, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One optimiser step on one effective batch: lr schedule, micro-batches accumulated
-    (DDP syncs on the last), autocast, clipping. Returns the detached loss parts; no
-    host sync happens here."""
-    _, world_size = world()
+def train_step(run: Run, step: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """One optimiser step on one effective batch -- this rank's micro-batches `step`, each made
+    the task's inputs on the device by `run.prepare` (outside autocast): lr schedule,
+    gradients accumulated (DDP syncs on the last), autocast, clipping. Returns the detached
+    loss parts; no host sync happens here."""
     run.scheduler.step_update(run.step)
-    batch = [t.to(run.device, non_blocking=True) for t in _flatten(batch)]
-    chunks = list(zip(*(t.split(run.plan.micro_batch) for t in batch)))
     parts_sum: dict[str, torch.Tensor] = {}
-    for i, chunk in enumerate(chunks):
-        sync = i == len(chunks) - 1
-        ctx = run.model.no_sync() if world_size > 1 and not sync else nullcontext()
+    for i, micro_batch in enumerate(step):
+        inputs = run.prepare(micro_batch, run.device)
+        sync = i == len(step) - 1
+        ctx = run.model.no_sync() if run.model is not run.task and not sync else nullcontext()
         with ctx, torch.autocast(run.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-            loss, parts = run.model(*chunk)
-        run.scaler.scale(loss / len(chunks)).backward()
+            loss, parts = run.model(*inputs)
+        run.scaler.scale(loss / len(step)).backward()
         for k, v in {"loss": loss, **parts}.items():
-            parts_sum[k] = parts_sum.get(k, 0) + v.detach().float() / len(chunks)
+            parts_sum[k] = parts_sum.get(k, 0) + v.detach().float() / len(step)
     run.scaler.unscale_(run.optimizer)  # a no-op without fp16; the norm is of the true gradients
     params = [p for p in run.task.parameters() if p.grad is not None]
     if run.cfg.clip_grad:
@@ -296,7 +317,7 @@ class _Logger:
     """Windowed means of the loss parts -> metrics.jsonl (+ TensorBoard) and the bar."""
 
     def __init__(self, run: Run, run_dir: Path, progress: bool):
-        rank, _ = world()
+        rank, _ = distributed.world()
         self.run = run
         self.file = _open_log(run_dir, run.step) if rank == 0 else None
         self.writer = _tensorboard(run_dir) if rank == 0 else None
@@ -338,8 +359,7 @@ class _Logger:
                 "lr": group["lr"] / group.get("lr_scale", 1.0),
                 **{k: float(v) / self.steps for k, v in self.sums.items()},
                 "imgs_per_s": self.steps * run.cfg.batch_size / max(elapsed, 1e-9)}
-        if world()[1] > 1:
-            last = _mean_across_ranks(last)
+        last = distributed.mean_across_ranks(last, run.device, keep=("step", "epoch", "lr", "imgs_per_s"))
         if self.file is not None:
             self.file.write(json.dumps(last) + "\n")
             self.file.flush()
@@ -378,21 +398,21 @@ def train(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = start_run(task, batches, cfg, run_dir, resolve_device(device), optimize, layer_decay)
+    run = start_run(task, batches, cfg, run_dir, distributed.setup(device), optimize, layer_decay)
     if run.step >= run.plan.steps:
         return _last_metrics(run_dir) | {"done": True}
     end = run.plan.steps if stop_after is None else min(run.plan.steps, run.step + stop_after)
     log = _Logger(run, run_dir, progress)
     task.train()
     epoch, offset = divmod(run.step, run.plan.steps_per_epoch)
-    it = batches.epoch(epoch, offset)
+    it = batches.epoch(epoch, offset, run.plan.micro_batch)
     try:
         while run.step < end:
             try:
                 batch = next(it)
             except StopIteration:
                 epoch += 1
-                it = batches.epoch(epoch)
+                it = batches.epoch(epoch, 0, run.plan.micro_batch)
                 continue
             log.add(train_step(run, batch))
             is_log = run.step % cfg.log_every == 0 or run.step == end
@@ -405,6 +425,7 @@ def train(
                 _save(run)
     finally:
         log.close()
+    distributed.broadcast_buffers(task, run.device, skip=_frozen_keys(task))  # every rank: the model rank 0 saves
     return log.last | {"done": run.step >= run.plan.steps}
 
 
@@ -420,25 +441,6 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) 
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:8])
         raise ValueError(f"{path}: holds a run with another config ({details}); "
                          f"use a new run directory, or delete this one to start over")
-
-
-def _flatten(batch) -> list[torch.Tensor]:
-    """A collated batch may nest views, e.g. ((student_view, teacher_view), labels)."""
-    out: list[torch.Tensor] = []
-    for item in batch:
-        out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
-    return out
-
-
-def _mean_across_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = [k for k in metrics if k not in ("step", "epoch", "lr")]
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    out = dict(metrics)
-    for k, v in zip(keys, (t / dist.get_world_size()).tolist()):
-        out[k] = v
-    out["imgs_per_s"] = metrics["imgs_per_s"]
-    return out
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import IGNORE_INDEX
 from .data.transforms import normalize
 from .devices import autocast_dtype, resolve_device
@@ -49,7 +50,7 @@ def predict(
         batches = data
     outs, labels = [], []
     for x, y in batches:
-        with _inference_autocast(device):
+        with inference_autocast(device):
             out = model(_prepare(x, device)).float()
         outs.append((reduce(out) if reduce else out).cpu())
         if y is not None:
@@ -59,7 +60,24 @@ def predict(
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 
 
-def _inference_autocast(device: torch.device):
+def eval_resize(input_size: int) -> int:
+    """MAE's evaluation resize (main_finetune.py `build_transform`): crop_pct 224/256 up to
+    224 px (256 for 224), 1.0 above (a 384-px model sees the image resized to 384)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
+
+
+def eval_transform(input_size: int, resize: int | None):
+    """Resize the shorter side to `resize` (bicubic; None: no resize), centre crop to
+    `input_size`, as uint8 -- `predict` normalises on the device. Serves fine-tuning's
+    evaluation (`eval_resize`) and the robustness protocols (ImageNet-A/R: 256; -C: none)."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC)] if resize else []
+    return T.Compose([*steps, T.CenterCrop(input_size), T.PILToTensor()])
+
+
+def inference_autocast(device: torch.device):
     """bf16/fp16 inference on a GPU (as training there); on a CPU always fp32, so CPU
     results do not depend on whether the CPU happens to have native bf16."""
     dtype = autocast_dtype("auto", device) if device.type == "cuda" else None
@@ -70,14 +88,25 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy in percent for each k (k larger than the class count is skipped)."""
-    out = {}
-    for k in ks:
-        if k <= logits.shape[1]:
-            hit = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1)
-            out[f"top{k}"] = 100.0 * hit.float().mean().item()
-    return out
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, int]:
+    """How many of the images are right within the top k, for each k (k larger than the class
+    count is skipped): counts, so that shards of an evaluation add up exactly."""
+    return {f"top{k}": int(logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1).sum())
+            for k in ks if k <= logits.shape[1]}
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                  across_ranks: torch.device | None = None) -> dict[str, float]:
+    """Top-k accuracy in percent for each k, and "n", the number of images. With `across_ranks`
+    (the run's device), `logits`/`labels` are this rank's shard (`distributed.shard`) and the
+    counts are summed over ranks there first, so the result equals the single-process one
+    exactly."""
+    counts = topk_correct(logits, labels, ks)
+    total = [*counts.values(), len(labels)]
+    if across_ranks is not None:
+        total = distributed.all_reduce_sum(total, across_ranks).tolist()
+    *correct, n = total
+    return {**{k: 100.0 * c / n for k, c in zip(counts, correct)}, "n": n}
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -101,7 +130,7 @@ def features(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
     model.eval().to(device)
     out = []
     for i in range(0, len(images), batch_size):
-        with _inference_autocast(device):
+        with inference_autocast(device):
             tokens = model.forward_features(_prepare(images[i:i + batch_size], device))
         out.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).float().cpu())
     return torch.cat(out)

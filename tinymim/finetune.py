@@ -1,9 +1,9 @@
 """Classification: MAE-recipe fine-tuning (Table 2), DeiT-style distillation fine-tuning
 (TinyMIM*-T), and top-1/top-5 evaluation on the config's data.
 
-timm supplies the pieces: `create_transform` (RandAugment, random erasing, bicubic
-resize/crop), Mixup/CutMix, label smoothing, soft-target cross-entropy, DeiT's
-distilled ViT and layer-wise lr decay (through the engine's `create_optimizer_v2`).
+timm supplies the pieces: the augmentation (`data.augment.Classify`: RandAugment, random
+erasing, Mixup/CutMix), label smoothing, soft-target cross-entropy, DeiT's distilled ViT
+and layer-wise lr decay (through the engine's `create_optimizer_v2`).
 Written here: the hard-label distillation loss, which timm does not ship.
 """
 
@@ -17,13 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup, create_transform
-from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from . import engine
+from . import distributed, engine
 from .checkpoints import (
     CLASSIFIER_KEYS,
     CheckpointError,
@@ -35,37 +33,31 @@ from .checkpoints import (
 )
 from .config import FinetuneConfig
 from .data import (
+    Classify,
     DataError,
     ImageNetFolder,
     LoaderBatches,
-    TensorBatches,
+    batches,
     folder_classes,
-    limit,
     resource_lines,
     split_dir,
     synthetic,
+    train_source,
 )
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
-from .devices import loader_options
-from .evaluation import predict, topk_accuracy
+from .devices import loader_options, resolve_device
+from .evaluation import eval_resize, eval_transform, predict, topk_accuracy
 from .models import ModelSpec, build_model, model_spec
 
 
 class Classifier(nn.Module):
-    """forward(images, labels) -> (loss, parts). In-memory uint8 batches are augmented here
-    (crop + flip + random erasing; RandAugment needs PIL images and runs in the file
-    pipeline). With a `teacher`, DeiT hard-label distillation: the class head learns the
-    labels, the distillation head the teacher's argmax, half and half."""
+    """forward(images, targets) -> (loss, parts) on the device half of `Classify`'s recipe
+    (targets soft under Mixup/CutMix). With a `teacher`, DeiT hard-label distillation: the
+    class head learns the labels, the distillation head the teacher's argmax, half and half."""
 
     def __init__(self, model: nn.Module, cfg: FinetuneConfig, teacher: nn.Module | None = None):
         super().__init__()
         self.model, self.teacher = model, teacher
-        self.img_size, self.crop_scale = cfg.input_size, tuple(cfg.crop_scale)
-        self.erasing = RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
-        self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                               num_classes=cfg.num_classes)
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         elif cfg.label_smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
@@ -83,22 +75,14 @@ class Classifier(nn.Module):
             self.teacher.eval()
         return self
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x = images
-        if x.dtype == torch.uint8:
-            x = normalize(random_resized_crop_flip(x.float() / 255, self.img_size, scale=self.crop_scale))
-            if self.erasing is not None:
-                self.erasing.device = x.device
-                x = self.erasing(x)
-        if self.mixup is not None:
-            x, labels = self.mixup(x, labels)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out = self.model(x)
         if self.teacher is None:
-            return self.criterion(out, labels), {}
+            return self.criterion(out, targets), {}
         cls_out, dist_out = out
         with torch.inference_mode():
             hard = self.teacher(x).argmax(dim=1)
-        base = self.criterion(cls_out, labels)
+        base = self.criterion(cls_out, targets)
         dist = F.cross_entropy(dist_out, hard.clone())
         return 0.5 * base + 0.5 * dist, {"loss_cls": base.detach(), "loss_dist": dist.detach()}
 
@@ -124,19 +108,11 @@ def build_classifier(cfg: FinetuneConfig) -> nn.Module:
     return model
 
 
-def train_transform(cfg: FinetuneConfig):
-    """MAE's fine-tuning pipeline (timm): RandomResizedCrop bicubic, flip, RandAugment,
-    ImageNet normalisation, random erasing (pixel mode)."""
-    return create_transform(cfg.input_size, is_training=True, scale=tuple(cfg.crop_scale),
-                            auto_augment=cfg.rand_augment or None, color_jitter=cfg.color_jitter or 0.0,
-                            interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def eval_transform(input_size: int):
-    """Resize (input/0.875: 256 for 224) bicubic -> centre crop -> ImageNet normalisation."""
-    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def recipe(cfg: FinetuneConfig) -> Classify:
+    """MAE's fine-tuning augmentation (Table 2: RandAugment, random erasing, Mixup/CutMix with
+    label smoothing) in `cfg.augment` mode."""
+    return Classify(cfg.input_size, tuple(cfg.crop_scale), cfg.rand_augment, cfg.reprob, cfg.mixup, cfg.cutmix,
+                    cfg.label_smoothing, cfg.num_classes, cfg.augment)
 
 
 def label_space(cfg: FinetuneConfig) -> list[str] | None:
@@ -156,15 +132,8 @@ def label_space(cfg: FinetuneConfig) -> list[str] | None:
 
 
 def classification_batches(cfg: FinetuneConfig, rank: int = 0, world_size: int = 1,
-                           classes: list[str] | None = None):
-    if cfg.data == "synthetic":
-        train = synthetic("train", cfg, size=cfg.data_limit)
-        return TensorBatches(train.images, train.labels, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
-                             world_size=world_size)
-    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=train_transform(cfg), classes=classes),
-               cfg.data_limit)
-    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
-                         world_size=world_size)
+                           classes: list[str] | None = None) -> LoaderBatches:
+    return batches(cfg, train_source(cfg, "train", classes), recipe(cfg), rank, world_size)
 
 
 def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True,
@@ -186,10 +155,10 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
         teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
     model = build_classifier(cfg)
-    rank, world_size = engine.world()
-    batches = classification_batches(cfg, rank, world_size, classes)
+    rank, world_size = distributed.world()
+    train_batches = classification_batches(cfg, rank, world_size, classes)
     start = time.perf_counter()
-    result = engine.train(Classifier(model, cfg, teacher), batches, cfg, run_dir, device=device, progress=progress,
+    result = engine.train(Classifier(model, cfg, teacher), train_batches, cfg, run_dir, device=device, progress=progress,
                           optimize=model, layer_decay=cfg.layer_decay)
     if cfg.dist_token:
         model.set_distilled_training(False)
@@ -198,6 +167,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
     if rank == 0:
         save_model(model, run_dir / "model.pth", extra={"config": cfg.to_dict(), "classes": classes})
         atomic_write_json(metrics, run_dir / "eval.json")
+    distributed.barrier(resolve_device(device))  # a caller on any rank may read them next
     return model, metrics
 
 
@@ -205,12 +175,18 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
 def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device | None = "auto",
              batch_size: int = 250, classes: list[str] | None = None) -> dict[str, float]:
     """Top-1/top-5 (%) on the config's data: the synthetic split, or `<data>/<split>`
-    class folders read with `eval_transform`, labelled by the model's `classes` (the
-    list recorded at training; None: the ImageNet-1K order for wnid folders)."""
+    class folders read with MAE's evaluation transform (`eval_resize`), labelled by the
+    model's `classes` (the list recorded at training; None: the ImageNet-1K order for wnid
+    folders). Under torchrun each rank evaluates its shard and the counts are summed."""
+    device = resolve_device(device)
     if cfg.data == "synthetic":
         ds = synthetic(split, cfg)
-        logits, labels = predict(model, ds.images, device=device, batch_size=batch_size)[0], ds.labels
+        mine = list(distributed.shard(len(ds)))
+        logits, labels = predict(model, ds.images[mine], device=device, batch_size=batch_size)[0], ds.labels[mine]
     else:
-        ds = ImageNetFolder(split_dir(cfg.data, split), transform=eval_transform(cfg.input_size), classes=classes)
-        logits, labels = predict(model, DataLoader(ds, batch_size=batch_size, **loader_options(cfg.num_workers, False)), device)
-    return {**topk_accuracy(logits, labels), "n": len(labels)}
+        ds = ImageNetFolder(split_dir(cfg.data, split), classes=classes,
+                            transform=eval_transform(cfg.input_size, eval_resize(cfg.input_size)))
+        shard = Subset(ds, distributed.shard(len(ds)))
+        logits, labels = predict(model, DataLoader(shard, batch_size=batch_size, **loader_options(cfg.num_workers, False)),
+                                 device)
+    return topk_accuracy(logits, labels, across_ranks=device)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write_json, load_classifier, open_checkpoint, read_checkpoint
 from .config import BaseConfig
-from .devices import gpu_count
+from .devices import DeviceError, gpu_count, pinned_gpus
 
 # stage -> the CLI command that trains it (all torchrun-ready) and the file it finishes with
 STAGES: dict[str, tuple[str, str]] = {
@@ -49,6 +49,23 @@ def processes(device: str | None = "auto", nproc: int | None = None) -> int:
             raise ValueError(f"nproc: expected a positive number of processes, got {nproc}")
         return nproc
     return max(1, gpu_count(device))
+
+
+def child_devices(device: str | None, nproc: int) -> tuple[dict[str, str], str]:
+    """(environment, --device) for the ranks of a launch on `device`. NCCL needs one GPU per
+    rank, so pinned GPUs (`cuda:1,2`) become the ranks' CUDA_VISIBLE_DEVICES (each rank then
+    takes its LOCAL_RANK's), one per process; a single pinned GPU for several processes is an
+    error naming why."""
+    pinned = pinned_gpus(device)
+    if pinned is None:
+        return {}, device or "auto"
+    if len(pinned) != nproc:
+        raise DeviceError(f"device {device!r} pins {len(pinned)} GPU(s) for {nproc} processes: NCCL needs one GPU "
+                          f"per process; pin as many as processes (e.g. device='cuda:0,1' for nproc=2), or use "
+                          f"device='cuda' for all visible GPUs")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [visible.split(",")[i] for i in pinned] if visible else [str(i) for i in pinned]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}, "cuda"
 
 
 def _finished_config(stage: str, run_dir: Path) -> dict[str, Any] | None:
@@ -105,7 +122,8 @@ def _forward(segment: str, bar: Any, log: Callable[[str], None]) -> None:
         log(rest)
 
 
-def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, progress: bool = True) -> None:
+def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, progress: bool = True,
+             env: dict[str, str] | None = None) -> None:
     """`torchrun --standalone --nproc_per_node N -m tinymim ARGS` with its output streamed
     as it comes: rank 0's training bar drives a tqdm bar here (a widget in a notebook),
     other lines go to `log`. Raises LaunchFailed naming the first failing rank and its
@@ -113,7 +131,7 @@ def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, pr
     notebook's stop button) stops the ranks; the run resumes from its checkpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "tinymim", *args]
-    child_env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"}
+    child_env = os.environ | {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"} | (env or {})
     errors: dict[int, str] = {}
     tail: list[str] = []
     bar = tqdm(total=0, desc=f"{args[0]} x{nproc}", disable=not progress)
@@ -164,8 +182,9 @@ def train_stage(stage: str, cfg: BaseConfig, run_dir: str | os.PathLike, device:
     if _finished_config(stage, run_dir) == cfg.to_dict():
         log(f"{run_dir}: {stage} already finished with this config; reading it")
         return _result(stage, run_dir)
+    env, child_device = child_devices(device, n)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = atomic_write_json(cfg.to_dict(), run_dir / "launch_config.json")
-    torchrun([STAGES[stage][0], "--config", str(config_file), "--out", str(run_dir), "--device", device or "auto"],
-             n, log=log, progress=progress)
+    torchrun([STAGES[stage][0], "--config", str(config_file), "--out", str(run_dir), "--device", child_device],
+             n, log=log, progress=progress, env=env)
     return _result(stage, run_dir)

@@ -16,11 +16,12 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from . import engine
+from . import distributed, engine
 from .checkpoints import atomic_save, save_model
 from .config import MAEConfig
-from .data import pool_batches
-from .data.transforms import normalize, random_resized_crop_flip
+from .data import Views, batches, train_source
+from .data.transforms import normalize
+from .devices import resolve_device
 from .models import ModelSpec, build_model, sincos_pos_embed
 
 
@@ -98,12 +99,8 @@ class MAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x = images
-        if x.dtype == torch.uint8:  # in-memory data: augment on the fly
-            x = random_resized_crop_flip(x.float() / 255, self.encoder.patch_embed.img_size[0],
-                                         scale=self.cfg.crop_scale)
-            x = normalize(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Normalised crops (`data.augment.Views` with no jitter, MAE's recipe)."""
         latent, mask, ids_restore = self.encode(x)
         pred = self.decode(latent, ids_restore)
         return self.loss(x, pred, mask), {}
@@ -132,10 +129,14 @@ def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = Tr
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
     encoder = build_model(spec, drop_path=cfg.drop_path, fixed_pos_embed=True)
     task = MAE(encoder, cfg)
-    rank, world_size = engine.world()
-    engine.train(task, pool_batches(cfg, rank, world_size), cfg, run_dir, device=device, progress=progress)
+    rank, world_size = distributed.world()
+    dev = resolve_device(device)
+    recipe = Views(cfg.input_size, tuple(cfg.crop_scale), None, cfg.augment, device_decode=dev.type == "cuda")
+    engine.train(task, batches(cfg, train_source(cfg, "pool"), recipe, rank, world_size), cfg, run_dir, device=device,
+                 progress=progress)
     out = run_dir / "teacher.pth"
     if rank == 0:
         save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
         atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
+    distributed.barrier(dev)  # e.g. the distillation that follows in the same torchrun job loads it
     return out

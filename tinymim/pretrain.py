@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import engine
+from . import distributed, engine
 from .checkpoints import atomic_write_json, load_teacher, save_model
 from .config import PretrainConfig
-from .data import two_view_batches
-from .data.transforms import TwoViews
+from .data import Views, batches, train_source
 from .devices import resolve_device
 from .distill import Distiller, check_pairing, default_teacher_block, quantize_teacher
 from .models import ModelSpec, build_model, model_spec
@@ -57,20 +56,28 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
     check_pairing(student, teacher, block, cfg.target)
     teacher = quantize_teacher(teacher, cfg.teacher_quant, resolve_device(device))  # opt-in; "none" = as loaded
-    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio,
-                     views=TwoViews(cfg.input_size, cfg.crop_scale, cfg.color_jitter), relations=cfg.relations)
-    rank, world_size = engine.world()
+    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, relations=cfg.relations)
+    rank, world_size = distributed.world()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         resolved = {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}
         atomic_write_json(cfg.to_dict() | resolved, run_dir / "config.json")
-    result = engine.train(task, two_view_batches(cfg, rank, world_size), cfg, run_dir, device=device,
-                          progress=progress, stop_after=stop_after)
+    result = engine.train(task, batches(cfg, train_source(cfg, "pool"), views(cfg, resolve_device(device)), rank,
+                                        world_size), cfg, run_dir, device=device, progress=progress,
+                          stop_after=stop_after)
     out = run_dir / "student.pth"
     if result["done"] and rank == 0:
         save_model(student, out, extra={"config": cfg.to_dict(), "teacher": str(teacher_path),
                                         "teacher_block": block}, safetensors=True)
+    distributed.barrier(resolve_device(device))  # the next stage (a chain's next student) reads it on every rank
     return out
+
+
+def views(cfg: PretrainConfig, device: torch.device) -> Views:
+    """TinyMIM's two views (Table 1: crop scale, student-only colour jitter) in `cfg.augment`
+    mode; JPEGs are decoded on the device when it is a GPU and the mode is `device`."""
+    return Views(cfg.input_size, tuple(cfg.crop_scale), cfg.color_jitter, cfg.augment,
+                 device_decode=device.type == "cuda")
 
 
 def pretrain_sequential(cfg: PretrainConfig, chain: list[str], run_dir: str | os.PathLike,

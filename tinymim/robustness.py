@@ -35,9 +35,8 @@ from torch.utils.data import DataLoader
 
 from .config import cache_dir, derive_seed
 from .data import DataError, ImageNetFolder, folder_classes, resource_lines, synthetic
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .devices import loader_options
-from .evaluation import argmax, predict
+from .evaluation import argmax, eval_transform, predict
 
 ALEXNET = json.loads(resources.files("tinymim.resources").joinpath("imagenet_c_alexnet_err.json").read_text())
 CORRUPTIONS = tuple(ALEXNET["corruptions_15"])
@@ -82,14 +81,6 @@ def _loader(ds, batch_size: int, workers: int | None) -> DataLoader:
 def _top1_error(model: nn.Module, loader, device) -> float:
     pred, labels = predict(model, loader, device, reduce=argmax)
     return float((pred != labels).float().mean())
-
-
-def eval_transform(input_size: int, resize: int | None):
-    """Resize (when given) + centre crop + ImageNet normalisation, bicubic."""
-    from torchvision import transforms as T
-
-    steps = [T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC)] if resize else []
-    return T.Compose([*steps, T.CenterCrop(input_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def evaluate_subset(model: nn.Module, root: str | os.PathLike, name: str, input_size: int = 224,

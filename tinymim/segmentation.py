@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,10 +36,11 @@ from .checkpoints import (
     read_checkpoint,
 )
 from .config import SegmentationConfig, config_from_dict
-from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, TensorBatches, resource_lines, synthetic
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from . import distributed
+from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, MemoryImages, Segment, batches, resource_lines, synthetic
+from .data.transforms import normalize
 from .devices import resolve_device
-from .evaluation import confusion_matrix
+from .evaluation import confusion_matrix, inference_autocast
 from .models import ModelSpec, build_model
 
 
@@ -119,6 +119,10 @@ class ViTUperNet(nn.Module):
         if not backbone.dynamic_img_size:
             raise ValueError("the backbone must be built with dynamic_img_size=True (any input size)")
         self.backbone, self.out_indices = backbone, tuple(out_indices)
+        # never reached by the loss -- the features leave the blocks directly -- so frozen (DDP
+        # refuses parameters without gradient): the final norm, and the blocks after the last level
+        for unused in (backbone.norm, *backbone.blocks[max(out_indices) + 1:]):
+            unused.requires_grad_(False)
         self.extra_fc = extra_fc  # TinyMIM*-T: its 192 -> 1280 FC applied to every token map
         dim = extra_dim or backbone.embed_dim
         self.adapter = MultiScaleAdapter(dim)
@@ -187,15 +191,14 @@ def load_segmenter(path: str | os.PathLike) -> tuple[ViTUperNet, SegmentationCon
 
 
 class SegmentationTask(nn.Module):
-    """forward(images, masks) -> (loss, parts): CE (ignore 255) + aux_weight x auxiliary CE."""
+    """forward(images, masks) -> (loss, parts): CE (ignore 255) + aux_weight x auxiliary CE,
+    on the device half of `data.augment.Segment`'s recipe."""
 
     def __init__(self, model: ViTUperNet, cfg: SegmentationConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if images.dtype == torch.uint8:  # in-memory data: crop/flip pairs on the fly
-            images, masks = random_crop_flip_pair(images, masks, self.cfg.input_size)
         logits, aux = self.model(images)
         size = masks.shape[-2:]
         main = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear", align_corners=False),
@@ -205,74 +208,16 @@ class SegmentationTask(nn.Module):
         return main + self.cfg.aux_weight * aux, {"loss_main": main.detach(), "loss_aux": aux.detach()}
 
 
-def random_crop_flip_pair(images: torch.Tensor, masks: torch.Tensor, size: int,
-                          scale: tuple[float, float] = (0.5, 2.0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched random rescale (0.5-2x) + crop + flip of uint8 images with their masks
-    (bilinear for images, nearest for masks; outside the image the mask is ignored)."""
-    n, dev = images.shape[0], images.device
-    s = torch.exp(torch.empty(n, device=dev).uniform_(math.log(scale[0]), math.log(scale[1])))
-    half = 1 / s  # half-extent of the crop window in [-1, 1] units
-    cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - half).abs()
-    cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - half).abs()
-    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = half * flip, cx, half, cy
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    x = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    m = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(masks[:, None], dtype=torch.float), grid, mode="nearest",
-                           padding_mode="zeros", align_corners=False)
-    m = torch.where(inside > 0, m, torch.full_like(m, IGNORE_INDEX))
-    return normalize(x), m[:, 0].long()
-
-
-class ADE20KTrainTransform:
-    """MAE/BEiT's ADE20K training pipeline, per sample: random resize of (2048, 512) by
-    0.5-2.0 keeping the ratio, random crop (retried while one class covers > 75%), flip,
-    photometric distortion, normalisation, padding to the crop size (mask pad = 255)."""
-
-    def __init__(self, crop: int = 512, scale: tuple[int, int] = (2048, 512), ratio=(0.5, 2.0),
-                 cat_max_ratio: float = 0.75):
-        from torchvision import transforms as T
-
-        self.crop, self.scale, self.ratio, self.cat_max_ratio = crop, scale, ratio, cat_max_ratio
-        # mmseg's PhotoMetricDistortion: brightness +-32/255, contrast/saturation 0.5-1.5, hue +-18 deg
-        self.photometric = T.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 360)
-
-    def __call__(self, image, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.transforms import functional as TF
-
-        r = random.uniform(*self.ratio)
-        long_side, short_side = self.scale[0] * r, self.scale[1] * r
-        f = min(long_side / max(image.size), short_side / min(image.size))
-        w, h = max(1, int(image.width * f + 0.5)), max(1, int(image.height * f + 0.5))
-        image = image.resize((w, h), resample=2)  # bilinear
-        mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
-        for _ in range(10):
-            y = random.randint(0, max(h - self.crop, 0))
-            x = random.randint(0, max(w - self.crop, 0))
-            crop = mask[y:y + self.crop, x:x + self.crop]
-            labels, counts = crop[crop != IGNORE_INDEX].unique(return_counts=True)
-            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                break
-        image = image.crop((x, y, min(x + self.crop, w), min(y + self.crop, h)))  # padded after normalising, as mmseg
-        mask = crop
-        if random.random() < 0.5:
-            image, mask = TF.hflip(image), mask.flip(-1)
-        img = TF.normalize(TF.to_tensor(self.photometric(image)), IMAGENET_MEAN, IMAGENET_STD)
-        img = F.pad(img, (0, self.crop - img.shape[2], 0, self.crop - img.shape[1]))
-        mask = F.pad(mask, (0, self.crop - mask.shape[1], 0, self.crop - mask.shape[0]), value=IGNORE_INDEX)
-        return img, mask
-
-
-def segmentation_batches(cfg: SegmentationConfig, rank: int = 0, world_size: int = 1):
+def segmentation_batches(cfg: SegmentationConfig, rank: int = 0, world_size: int = 1) -> LoaderBatches:
+    """The training crops: ADE20K's `training` split, or the synthetic labelled split with its
+    masks, through the same recipe (the ADE20K scale (2048, 512) is (4, 1) x the crop)."""
     if cfg.data == "synthetic":
         train = synthetic("train", cfg, size=cfg.data_limit)
-        return TensorBatches(train.images, train.masks, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
-                             world_size=world_size)
-    ds = ADE20K(cfg.data, "training", cfg.reduce_zero_label, transform=ADE20KTrainTransform(cfg.input_size))
-    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
-                         world_size=world_size)
+        source = MemoryImages(train.images, masks=train.masks)
+    else:
+        source = ADE20K(cfg.data, "training", cfg.reduce_zero_label)
+    recipe = Segment(cfg.input_size, (4 * cfg.input_size, cfg.input_size), ignore_index=IGNORE_INDEX)
+    return batches(cfg, source, recipe, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------
@@ -332,37 +277,39 @@ def segmentation_metrics(conf: torch.Tensor, class_names: Sequence[str] | None =
 @torch.no_grad()
 def evaluate_segmentation(model: ViTUperNet, cfg: SegmentationConfig, mode: str = "slide",
                           device: str | torch.device | None = "auto", limit: int | None = None) -> dict[str, Any]:
-    """mIoU on the synthetic val split or ADE20K `validation` (single scale)."""
+    """mIoU on the synthetic val split or ADE20K `validation` (single scale). Under torchrun
+    each rank infers its shard of the images and the confusion matrices are summed."""
     device = resolve_device(device)
     model.eval().to(device)
-    conf = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
     if cfg.data == "synthetic":
         val = synthetic("val", cfg, size=limit)
-        pairs = ((normalize(val.images[i:i + 250]), val.masks[i:i + 250]) for i in range(0, len(val), 250))
+        mine = list(distributed.shard(len(val)))
+        pairs = ((normalize(val.images[mine[i:i + 250]]), val.masks[mine[i:i + 250]]) for i in range(0, len(mine), 250))
         names = ["background", *val.classes]
     else:
-        from torchvision.transforms import functional as TF
-
         ds = ADE20K(cfg.data, "validation", cfg.reduce_zero_label)
         n = len(ds) if limit is None else min(limit, len(ds))
 
         def pairs_ade():
-            for i in range(n):
+            for i in distributed.shard(n):
                 img, mask = ds[i]
                 h, w = img.shape[-2:]
                 f = min(2048 / max(h, w), 512 / min(h, w))  # test scale (2048, 512), keep ratio
-                x = TF.normalize(img.float()[None] / 255, IMAGENET_MEAN, IMAGENET_STD)
-                x = F.interpolate(x, size=(int(h * f + 0.5), int(w * f + 0.5)), mode="bilinear", align_corners=False)
+                x = F.interpolate(normalize(img[None]), size=(int(h * f + 0.5), int(w * f + 0.5)), mode="bilinear",
+                                  align_corners=False)
                 yield x, mask[None], (h, w)
 
         pairs = pairs_ade()
         names = resource_lines("ade20k_classes.txt")
+    conf = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
     for item in pairs:
         x, mask = item[0].to(device), item[1]
-        logits = infer_slide(model, x, cfg.input_size, cfg.slide_stride) if mode == "slide" else infer_whole(model, x)
+        with inference_autocast(device):
+            logits = infer_slide(model, x, cfg.input_size, cfg.slide_stride) if mode == "slide" else infer_whole(model, x)
         if len(item) == 3:  # back to the annotation's size
-            logits = F.interpolate(logits, size=item[2], mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=item[2], mode="bilinear", align_corners=False)
         conf += confusion_matrix(logits.argmax(1).cpu(), mask, cfg.num_classes)
+    conf = distributed.all_reduce_sum(conf, device).cpu()
     metrics = segmentation_metrics(conf, names[: cfg.num_classes])
     # the reference a segmenter must beat: the most frequent class predicted everywhere
     majority = torch.zeros_like(conf)
@@ -381,8 +328,9 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
             raise DataError(f"num_classes: ADE20K has 150 classes, the config says {cfg.num_classes}")
     engine.seed_everything(cfg.seed)
     model = build_segmenter(cfg)
-    rank, world_size = engine.world()
-    if world_size > 1:
+    rank, world_size = distributed.world()
+    dev = resolve_device(device)
+    if world_size > 1 and dev.type == "cuda":  # SyncBatchNorm has no CPU kernels: gloo runs keep per-rank BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine.train(SegmentationTask(model, cfg), segmentation_batches(cfg, rank, world_size), cfg, run_dir,
                  device=device, progress=progress, optimize=model, layer_decay=cfg.layer_decay)
@@ -390,5 +338,5 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
     if rank == 0:
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, run_dir / "model.pth")
         atomic_write_json(metrics, run_dir / "eval.json")
+    distributed.barrier(dev)  # a caller on any rank may read them next
     return model, metrics
-

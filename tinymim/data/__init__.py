@@ -1,8 +1,10 @@
-"""Data: the built-in synthetic dataset, folders on disk, and batch sources for the engine.
+"""Data: the built-in synthetic dataset, folders on disk, augmentation, and batch sources.
 
 `synthetic` makes the smoke profile's data from a seed; `folders` reads ImageNet-style
-folders and ADE20K; `transforms` holds the batched augmentations for in-memory data.
-The helpers below turn a config's `data` field into what the engine iterates.
+folders and ADE20K; `sources` decodes files and holds in-memory images; `augment` has each
+stage's recipe (host half per sample, device half per batch); `batches` feeds the engine.
+The helpers below turn a config's `data` field into a source, and a source and a recipe
+into what the engine iterates -- the same path for the built-in data and for folders.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset, Subset
-
-from .batches import LoaderBatches, TensorBatches
+from .augment import Classify, Segment, Views
+from .batches import Augmented, LoaderBatches, TensorBatches
 from .folders import (
     ADE20K,
     IGNORE_INDEX,
-    DataError,
     ImageNetFolder,
     check_images,
     folder_classes,
-    open_rgb,
     reduce_zero_label,
     resource_lines,
 )
+from .sources import DataError, MemoryImages, Subsample, decode_file, open_rgb
 from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
 
 # sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
@@ -49,50 +49,30 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     raise DataError(f"{path}: no '{split}' folder under the dataset root {root}")
 
 
-def limit(ds: Dataset, n: int | None) -> Dataset:
-    """The first `n` samples of `ds` (config `data_limit`: quick trials on real folders)."""
-    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+def limit(source: Any, n: int | None) -> Any:
+    """The first `n` samples of `source` (config `data_limit`: quick trials on real folders)."""
+    return source if n is None or n >= len(source) else Subsample(source, list(range(n)))
 
 
-def pool_batches(cfg: Any, rank: int = 0, world_size: int = 1):
-    """Unlabelled images for pre-training (MAE or distillation), as engine batches.
-
-    Synthetic: uint8 tensors, augmented on the fly by the task. A folder: an
-    ImageNet-style tree read with RandomResizedCrop + flip per sample.
-    """
+def train_source(cfg: Any, split: str = "train", classes: list[str] | None = None, masks: bool = False) -> Any:
+    """The images a stage trains on: the synthetic split (`pool` for pre-training, `train`
+    for the labelled set) or `<data>/train` class folders labelled by `classes`; at most
+    `cfg.data_limit` of them."""
     if cfg.data == "synthetic":
-        pool = synthetic("pool", cfg, size=cfg.data_limit)
-        return TensorBatches(pool.images, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
-    from torchvision import transforms as T
-
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    tf = T.Compose([
-        T.RandomResizedCrop(cfg.input_size, scale=tuple(cfg.crop_scale), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=tf), cfg.data_limit)
-    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
-                         world_size=world_size)
+        ds = synthetic(split, cfg, size=cfg.data_limit)
+        return MemoryImages(ds.images, ds.labels, ds.masks if masks else None)
+    return limit(ImageNetFolder(split_dir(cfg.data, "train"), classes=classes), cfg.data_limit)
 
 
-def two_view_batches(cfg: Any, rank: int = 0, world_size: int = 1):
-    """Unlabelled images for distillation. Synthetic: uint8 batches (the task makes the
-    two views); a folder: (student_view, teacher_view) per sample, TwoViews' recipe."""
-    if cfg.data == "synthetic":
-        return pool_batches(cfg, rank, world_size)
-    from .transforms import TwoViews
-
-    views = TwoViews(cfg.input_size, tuple(cfg.crop_scale), cfg.color_jitter).per_sample()
-    ds = limit(ImageNetFolder(split_dir(cfg.data, "train"), transform=views), cfg.data_limit)
-    return LoaderBatches(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
-                         world_size=world_size)
+def batches(cfg: Any, source: Any, recipe: Any, rank: int = 0, world_size: int = 1) -> LoaderBatches:
+    """The engine's batches of `source` augmented by `recipe`, seeded by the config."""
+    return LoaderBatches(Augmented(source, recipe, cfg.seed), cfg.batch_size, seed=cfg.seed,
+                         num_workers=cfg.num_workers, rank=rank, world_size=world_size)
 
 
 __all__ = [
-    "IGNORE_INDEX", "ADE20K", "DataError", "ImageNetFolder", "check_images", "folder_classes", "LoaderBatches", "SHAPES", "SMOKE_SPLITS", "SyntheticShapes",
-    "SyntheticSpec", "TensorBatches", "limit", "open_rgb", "pool_batches", "reduce_zero_label", "resource_lines",
-    "split_dir", "synthetic", "two_view_batches",
+    "ADE20K", "Augmented", "Classify", "DataError", "IGNORE_INDEX", "ImageNetFolder", "LoaderBatches",
+    "MemoryImages", "SHAPES", "SMOKE_SPLITS", "Segment", "Subsample", "SyntheticShapes", "SyntheticSpec",
+    "TensorBatches", "Views", "batches", "check_images", "decode_file", "folder_classes", "limit", "open_rgb",
+    "reduce_zero_label", "resource_lines", "split_dir", "synthetic", "train_source",
 ]

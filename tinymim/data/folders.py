@@ -18,28 +18,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from .sources import DataError, decode_file, encoded_jpeg, header_size, open_rgb
+
 # the label of pixels that no loss or metric counts (ADE20K's "other" after reduce_zero_label)
 IGNORE_INDEX = 255
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".JPEG")
-
-
-class DataError(ValueError):
-    """A dataset folder or file that does not match the expected layout."""
 
 
 def resource_lines(name: str) -> list[str]:
     """A bundled reference list (see tinymim/resources/README.md for sources)."""
     text = resources.files("tinymim.resources").joinpath(name).read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB, or fail with the file's path."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
 
 
 def folder_classes(root: str | os.PathLike) -> list[str]:
@@ -87,6 +76,22 @@ class ImageNetFolder(ImageFolder):
         self._label_space = list(space)
         return found, {c: index[c] for c in found}
 
+    # the `augment.Source` interface: the augmentation recipes read samples through these
+    def image(self, i: int) -> torch.Tensor:
+        return decode_file(self.samples[i][0])
+
+    def pil(self, i: int) -> Image.Image:
+        return open_rgb(self.samples[i][0])
+
+    def size(self, i: int) -> tuple[int, int]:
+        return header_size(self.samples[i][0])
+
+    def encoded(self, i: int) -> torch.Tensor | None:
+        return encoded_jpeg(self.samples[i][0])
+
+    def target(self, i: int) -> int:
+        return self.samples[i][1]
+
 
 def check_images(root: str | os.PathLike, workers: int = 8, progress: bool = True) -> tuple[int, list[str]]:
     """Every image file under `root` opened and its header verified, in parallel threads:
@@ -123,12 +128,11 @@ class ADE20K(Dataset):
     """ADE20K (SceneParsing-150): `root/images/<split>/*.jpg` + `root/annotations/<split>/*.png`.
 
     With `reduce_zero_label` (the ADE20K convention) raw 0 ('other') becomes the ignore
-    index 255 and raw 1..150 become classes 0..149. Returns (image, mask) as PIL images
-    through `transform(image, mask)` when given, else as tensors (3xHxW uint8, HxW int64).
+    index 255 and raw 1..150 become classes 0..149. A segmentation `Source` (`pil`, `mask`)
+    for the training recipe; indexing gives (image, mask) tensors for evaluation.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "training", reduce_zero_label: bool = True,
-                 transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "training", reduce_zero_label: bool = True):
         root = Path(root)
         img_dir, ann_dir = root / "images" / split, root / "annotations" / split
         for d in (img_dir, ann_dir):
@@ -143,34 +147,35 @@ class ADE20K(Dataset):
             raise DataError(f"{images[lonely[0]]}: no annotation {ann_dir / (lonely[0] + '.png')} "
                             f"({len(lonely)} image(s) without annotation)")
         self.items = [(images[k], masks[k]) for k in sorted(images)]
-        self.reduce_zero_label, self.transform = reduce_zero_label, transform
+        self.reduce_zero_label = reduce_zero_label
         self.classes = resource_lines("ade20k_classes.txt")
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def pil(self, i: int) -> Image.Image:
+        return open_rgb(self.items[i][0])
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Annotation i as H x W int64, checked against its image's size and the label range."""
         img_path, ann_path = self.items[i]
-        image = open_rgb(img_path)
         try:
             with Image.open(ann_path) as a:
                 mask = torch.from_numpy(np.array(a, dtype=np.int64))
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"{ann_path}: cannot read annotation ({e})") from e
-        if mask.shape != (image.height, image.width):
-            raise DataError(f"{ann_path}: size {tuple(mask.shape)} differs from image {img_path} "
-                            f"({image.height}, {image.width})")
+        height, width = header_size(img_path)
+        if mask.shape != (height, width):
+            raise DataError(f"{ann_path}: size {tuple(mask.shape)} differs from image {img_path} ({height}, {width})")
         top = int(mask[mask != IGNORE_INDEX].max()) if (mask != IGNORE_INDEX).any() else 0
         if top > len(self.classes):
             raise DataError(f"{ann_path}: mask value {top}, but ADE20K labels are 0..{len(self.classes)} "
                             f"(0 = other, 1..150 = the classes, 255 = ignore)")
-        if self.reduce_zero_label:
-            mask = reduce_zero_label(mask)
-        if self.transform is not None:
-            return self.transform(image, mask)
-        from torchvision.transforms.functional import pil_to_tensor
+        return reduce_zero_label(mask) if self.reduce_zero_label else mask
 
-        return pil_to_tensor(image), mask
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3 x H x W uint8 image, H x W int64 mask): what evaluation reads."""
+        return decode_file(self.items[i][0]), self.mask(i)
 
 
 def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
