@@ -50,3 +50,31 @@ def test_quantized_teacher_is_timed_with_its_loss_deviation():
     assert q["mode"] == "int8" and q["images_per_s"] > 0
     assert q["speedup_vs_default"] == pytest.approx(q["images_per_s"] / r["images_per_s"], rel=0.01)
     assert 0 < q["loss_rel_deviation"] < 0.05  # rounding reaches the targets, a little
+
+
+def test_data_bench_compares_every_mode_with_the_release_pipeline_in_the_same_run():
+    r = bench.bench_data(images=8, batch=4, device="cpu", input_size=64)
+    assert 80 < r["jpeg_kb"] < 140  # ImageNet-like files, not smooth ones that decode fast
+    pre, ft = r["pipelines"]["pretrain"], r["pipelines"]["finetune"]
+    assert set(pre) == {"reference", "host", "device", "device+decode"} and set(ft) == {"reference", "host"}
+    for rows in (pre, ft):
+        for mode, row in rows.items():
+            assert row["worker_ms_per_image"] > 0
+            if mode != "reference":
+                assert row["speedup_vs_reference"] == pytest.approx(
+                    rows["reference"]["worker_ms_per_image"] / row["worker_ms_per_image"], rel=0.01)
+                assert row["device_ms_per_image"] > 0
+    # uint8 at the crop size (one crop for both views) instead of two float32 views
+    assert pre["host"]["bytes_per_sample"] < pre["reference"]["bytes_per_sample"] / 7
+    assert pre["device+decode"]["bytes_per_sample"] < pre["device"]["bytes_per_sample"]  # the file, not pixels
+
+
+def test_bench_reads_peak_memory_of_the_timed_steps_only(monkeypatch):
+    """The FLOP-counting pass allocates more than a step; the peak must not include it."""
+    calls = []
+    monkeypatch.setattr(bench, "reset_peak_memory", lambda device: calls.append("reset"))
+    monkeypatch.setattr(bench, "count_flops", lambda fn, models: calls.append("flops") or 1)
+    monkeypatch.setattr(bench, "_timed", lambda step, steps, device: calls.append("timed") or [1.0])
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device: 1.0)
+    bench.bench_finetune("micro_tiny", batch=2, steps=1, device="cpu")
+    assert calls == ["flops", "reset", "timed"]

@@ -112,6 +112,8 @@ def test_bench(capsys):
     assert record["bench"] == "eval" and record["images_per_s"] > 0 and record["gflops_per_image"] > 0
     assert main(["bench", "finetune", "--student", "micro_tiny", "--batch", "4", "--steps", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["bench"] == "finetune"
+    assert main(["bench", "data", "--images", "8", "--device", "cpu"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["pipelines"]) == {"pretrain", "finetune"}
 
 
 def test_study(tmp_path, capsys):

@@ -61,14 +61,17 @@ def test_schedule_warmup_then_cosine(tmp_path):
     assert lrs == pytest.approx(expected, rel=1e-6)
 
 
-def test_no_weight_decay_on_pos_embed_cls_bias_norm():
+def test_weight_decay_spares_biases_and_norms_only_as_maes_add_weight_decay():
+    """MAE's main_pretrain.py (timm 0.3.2's add_weight_decay): no decay for 1-D tensors and
+    biases; the class and mask tokens (3-D) are decayed; the fixed position embedding is not trained."""
     task = _mae_task()
     opt = engine.build_optimizer(task, _cfg())
     names = {id(p): n for n, p in task.named_parameters()}
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay
-    assert "encoder.blocks.0.attn.qkv.weight" in decay and "encoder.patch_embed.proj.weight" in decay
+    assert {"encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight"} <= decay
+    assert no_decay == {n for n, p in task.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
     assert "encoder.pos_embed" not in decay | no_decay  # fixed sin-cos: not trained at all
 
 

@@ -186,11 +186,10 @@ def test_distillation_token_slot_starts_from_the_class_token(student_ckpt, tmp_p
     assert torch.equal(model.pos_embed[:, 2:], pe[:, 1:])
 
 
-def test_tinymim_star_checkpoint_serves_as_encoder_and_segmentation_backbone(tmp_path):
+def test_tinymim_star_checkpoint_serves_as_an_encoder(tmp_path):
     """A TinyMIM*-T classifier (distillation token, shared extra FC) loads as a teacher
-    (token slot and heads dropped) and as a segmentation backbone (its FC kept)."""
+    (token slot and heads dropped); tests/test_segmentation.py loads it as a segmenter."""
     from tinymim.checkpoints import load_teacher
-    from tinymim.segmentation import build_segmenter
 
     torch.manual_seed(0)
     star = build_model(ModelSpec.create("micro_tiny", num_classes=10, heads=6, extra_fc=64, dist_token=True))
@@ -198,6 +197,14 @@ def test_tinymim_star_checkpoint_serves_as_encoder_and_segmentation_backbone(tmp
     enc = load_teacher(None, path)
     assert enc.pos_embed.shape[1] == star.pos_embed.shape[1] - 1 and not hasattr(enc, "head_dist")
     assert torch.equal(enc.pos_embed[:, 1:], star.pos_embed[:, 2:])
-    seg = build_segmenter(get_config("segmentation", "micro_tiny", "smoke", {"pretrained": str(path)}))
-    assert torch.equal(seg.extra_fc[0].weight, star.head.fc.weight)
-    assert [b.attn.num_heads for b in seg.backbone.blocks] == [6] * 4
+
+
+@pytest.mark.parametrize("size, resize", [(224, 256), (32, 36), (384, 384), (448, 448)])
+def test_evaluation_resize_is_maes(size, resize):
+    """MAE's build_transform: crop_pct 224/256 up to 224 px, 1.0 above (384 is resized to 384,
+    not to 438)."""
+    from tinymim.evaluation import eval_resize, eval_transform
+
+    assert eval_resize(size) == resize
+    out = eval_transform(size, eval_resize(size))(Image.fromarray(np.zeros((500, 600, 3), np.uint8)))
+    assert out.shape == (3, size, size) and out.dtype == torch.uint8

@@ -130,3 +130,41 @@ def test_pretrain_from_an_image_folder(tmp_path, teacher_path):
     student = pretrain(cfg, tmp_path / "run", progress=False)
     assert [r["step"] for r in engine.read_metrics(tmp_path / "run")] == [1, 2, 3]
     assert load_teacher(None, student).blocks[-1].attn.num_heads == 6
+
+
+def test_a_folder_run_resumes_exactly_with_workers(tmp_path, teacher_path):
+    """Every host-side draw is seeded by (seed, epoch, sample), so after a kill the resumed run's
+    workers crop and jitter exactly as the uninterrupted run's did (before, only the order was
+    restored and the augmentation drawn anew)."""
+    import numpy as np
+    from PIL import Image
+
+    for c in ("n01", "n02"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(12):
+            rgb = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(tmp_path / "train" / c / f"{i}.JPEG")
+    cfg = _cfg(teacher_path, data=str(tmp_path / "train"), data_limit="null", steps="5", batch_size="8",
+               num_workers="2", ckpt_every="2")
+    full = pretrain(cfg, tmp_path / "full", progress=False)
+    pretrain(cfg, tmp_path / "part", progress=False, stop_after=3)  # killed after step 3, mid-epoch
+    resumed = pretrain(cfg, tmp_path / "part", progress=False)
+    assert [r["loss"] for r in engine.read_metrics(tmp_path / "full")] == \
+           [r["loss"] for r in engine.read_metrics(tmp_path / "part")]
+    a, b = torch.load(full, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_student_drop_path_is_the_releases_constant_rate_and_its_class_token_is_decayed():
+    """models_tinymim.py: drop_path 0.1 in blocks 1-11, none in block 12 (not timm's 0 -> 0.1
+    ramp); main_pretrain.py's add_weight_decay decays the class token."""
+    cfg = get_config("pretrain", "vit_tiny", "paper")
+    student = build_student(cfg, 12)
+    rates = [getattr(blk.drop_path1, "drop_prob", 0.0) for blk in student.blocks]
+    assert rates == [0.1] * 11 + [0.0] and all(getattr(b.drop_path2, "drop_prob", 0.0) == r
+                                                for b, r in zip(student.blocks, rates))
+    task = Distiller(student, build_model(ModelSpec.create("vit_base")))
+    opt = engine.build_optimizer(task, cfg)
+    names = {id(p): n for n, p in task.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "student.cls_token" in decayed

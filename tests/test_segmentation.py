@@ -168,3 +168,102 @@ def test_ade20k_whole_image_evaluation_by_hand(tmp_path):
     assert m["per_class_IoU"]["wall"] == 0.0 and m["per_class_IoU"]["flag"] == 0.0
     assert m["per_class_IoU"]["building"] == pytest.approx(100 / 3)  # 24 / (72 + 24 - 24)
     assert m["mIoU"] == pytest.approx(100 / 9) and m["aAcc"] == pytest.approx(100 / 3)
+
+
+# ---------------------------------------------------------------------------------
+# the release's segmenter (OliverRensu/TinyMIM, Segmentation/): backbone, head, loss, init
+
+
+def test_the_backbone_gets_the_releases_relative_position_bias_and_layer_scale(tmp_path):
+    """From an MAE/TinyMIM encoder checkpoint: every block gets a zero-initialised, trainable
+    relative position bias and layer scales of 1 (ViT-B: 36 tensors), and those are the only
+    keys the checkpoint does not provide -- everything the release loads is loaded."""
+    from tinymim.checkpoints import SEGMENTATION_ONLY, load_encoder, open_checkpoint
+
+    torch.manual_seed(0)
+    enc = build_model(ModelSpec.create("vit_base", img_size=64))
+    path = save_model(enc, tmp_path / "mae.pth")
+    cfg = get_config("segmentation", "vit_base", "smoke", {"pretrained": str(path), "input_size": 64,
+                                                            "channels": 16, "aux_channels": 8,
+                                                            "out_indices": [3, 5, 7, 11]})
+    backbone = build_segmenter(cfg).backbone
+    added = [n for n, p in backbone.named_parameters() if "relative_position_bias_table" in n or ".gamma" in n]
+    assert len(added) == 36 and all(backbone.get_parameter(n).requires_grad for n in added)
+    assert all((backbone.get_parameter(n) == (1.0 if n.endswith("gamma") else 0.0)).all() for n in added)
+    table = backbone.blocks[0].attn.relative_position_bias_table
+    assert table.shape == ((2 * 4 - 1) ** 2 + 3, 12)  # a 4 x 4 grid at 64 px, cls <-> token entries
+    fresh = load_encoder(backbone, open_checkpoint(path), allow_missing=SEGMENTATION_ONLY)
+    assert sorted(fresh) == sorted(added)
+    assert torch.equal(backbone.blocks[5].attn.qkv.weight, enc.blocks[5].attn.qkv.weight)
+    assert torch.equal(backbone.pos_embed, enc.pos_embed)  # the absolute embedding is kept, as the release
+    # the bias acts: a nonzero table changes the features; off, the backbone is the plain ViT
+    x = torch.randn(1, 3, 64, 64)
+    plain = build_segmenter(replace_cfg(cfg, rel_pos_bias=False, layer_scale=None)).backbone.eval()
+    assert torch.allclose(plain.forward_features(x), backbone.eval().forward_features(x), atol=1e-5)
+    with torch.no_grad():
+        table.normal_()
+    assert not torch.allclose(plain.forward_features(x), backbone.forward_features(x), atol=1e-3)
+
+
+def replace_cfg(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_the_relative_position_bias_follows_the_grid_in_whole_image_inference():
+    torch.manual_seed(0)
+    cfg = get_config("segmentation", "micro_tiny", "smoke")
+    model = build_segmenter(cfg).eval()
+    with torch.no_grad():
+        for blk in model.backbone.blocks:
+            blk.attn.relative_position_bias_table.normal_()
+    logits, _ = model(torch.randn(1, 3, 32, 56))  # a 4 x 7 grid, not the 4 x 4 training window
+    assert logits.shape == (1, 11, 16, 28) and torch.isfinite(logits).all()  # patch 8: logits at half the input
+    assert model.backbone.blocks[0].attn.position_bias().shape == (3, 1 + 28, 1 + 28)
+
+
+def test_the_loss_averages_over_all_pixels_as_mmseg():
+    """mmseg 0.x: per-pixel CE summed over the labelled pixels, divided by all pixels."""
+    from tinymim.segmentation import pixel_loss
+
+    torch.manual_seed(0)
+    logits, masks = torch.randn(2, 5, 8, 8), torch.randint(0, 5, (2, 8, 8))
+    masks[:, :4] = 255  # half the pixels ignored
+    per_pixel = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255, reduction="none")
+    assert torch.isclose(pixel_loss(logits, masks), per_pixel[masks != 255].sum() / masks.numel())
+    assert pixel_loss(logits, masks) < torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
+
+
+def test_heads_are_initialised_as_mmseg():
+    torch.manual_seed(0)
+    model = build_segmenter(get_config("segmentation", "vit_small", "paper", {"input_size": 64, "slide_stride": 32}))
+    assert model.decode.classify.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert (model.decode.classify.bias == 0).all() and (model.aux.classify.bias == 0).all()
+    fuse = model.decode.fuse[0].weight  # kaiming normal, fan_out, relu: std sqrt(2 / (out x 3 x 3))
+    assert fuse.std().item() == pytest.approx((2 / (fuse.shape[0] * 9)) ** 0.5, rel=0.05)
+    assert model.decode.fuse[1].weight.eq(1).all() and model.decode.fuse[1].bias.eq(0).all()
+
+
+def test_the_releases_tinymim_star_t_segmenter(tmp_path):
+    """Segmentation/TinyMIMstar-T: class + distillation tokens, 12 heads, LN + Linear(192 -> 1280)
+    + GELU on the last block only, and its own pyramid into a 768-wide UPerHead (11.3 M
+    adapter parameters, not the B adapter at 1280)."""
+    torch.manual_seed(0)
+    star = build_model(ModelSpec.create("tinymim_star_tiny", num_classes=10, extra_fc=1280, dist_token=True, img_size=64))
+    path = save_model(star, tmp_path / "star.pth")
+    cfg = get_config("segmentation", "tinymim_star_tiny", "paper", {"pretrained": str(path), "input_size": 64,
+                                                                     "slide_stride": 32})
+    assert cfg.channels == 768 and cfg.layer_decay == 0.8  # the release's *-T config
+    seg = build_segmenter(cfg)
+    b = seg.backbone
+    assert b.num_prefix_tokens == 2 and torch.equal(b.dist_token, star.dist_token)
+    assert torch.equal(b.pos_embed, star.pos_embed) and [blk.attn.num_heads for blk in b.blocks] == [12] * 12
+    assert b.blocks[0].attn.relative_position_bias_table.shape == ((2 * 4 - 1) ** 2 + 6, 12)
+    shapes = {n: tuple(p.shape) for n, p in seg.adapter.named_parameters() if n.endswith("weight")}
+    assert shapes == {"up4.0.weight": (192, 384, 2, 2), "up4.1.weight": (384,), "up4.3.weight": (384, 768, 2, 2),
+                      "up2.weight": (192, 768, 2, 2), "keep.weight": (768, 192, 1, 1), "down2.weight": (768, 1280, 3, 3)}
+    params = sum(p.numel() for m in (seg.adapter, seg.widen) for p in m.parameters())
+    assert params / 1e6 == pytest.approx(11.3, abs=0.05)
+    logits, aux = seg.eval()(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 150, 16, 16) and aux.shape == (1, 150, 4, 4)

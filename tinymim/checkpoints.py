@@ -10,6 +10,7 @@ beyond tensors and plain data (`torch.load(weights_only=True)` or safetensors).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pickle
@@ -220,21 +221,28 @@ def _fit_pos_embed(pe: torch.Tensor, src_prefix: int, model: VisionTransformer, 
                                   num_prefix_tokens=dst_prefix)
 
 
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """A key prefix ("head.") or a glob ("blocks.*.ls1.gamma")."""
+    return any(key.startswith(p) or fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
 def load_weights(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
     source: str,
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
-) -> None:
+) -> list[str]:
     """Load `sd` into `model`, failing with the exact keys and shapes that do not fit.
 
-    `allow_missing` / `allow_unexpected` are key prefixes that may legitimately differ
-    (e.g. the classifier head when fine-tuning a pre-trained encoder).
+    `allow_missing` / `allow_unexpected` are key prefixes or globs that may legitimately differ
+    (e.g. the classifier head when fine-tuning a pre-trained encoder). Returns the model's keys
+    the checkpoint did not provide (they keep their initialisation).
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.startswith(tuple(allow_missing))]
-    unexpected = [k for k in sd if k not in own and not k.startswith(tuple(allow_unexpected))]
+    fresh = [k for k in own if k not in sd]
+    missing = [k for k in fresh if not _matches(k, allow_missing)]
+    unexpected = [k for k in sd if k not in own and not _matches(k, allow_unexpected)]
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sd if k in own and sd[k].shape != own[k].shape]
     problems = []
@@ -247,17 +255,38 @@ def load_weights(
     if problems:
         raise CheckpointError(f"{source}: does not fit the model -- " + " | ".join(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return fresh
+
+
+# what a segmentation backbone (the release's BEiT-style ViT) adds to an encoder: created, not loaded
+SEGMENTATION_ONLY = ("blocks.*.attn.relative_position_bias_table", "blocks.*.ls1.gamma", "blocks.*.ls2.gamma")
+
+
+def _fit_rel_pos_tables(sd: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """A checkpoint's relative position bias tables (BEiT, a tinymim segmenter) resampled to the
+    model's window when they differ -- the release's geometric interpolation, in timm."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    own = model.state_dict()
+    for key, table in list(sd.items()):
+        if key.endswith("relative_position_bias_table") and key in own and table.shape != own[key].shape:
+            window = model.get_submodule(key.rsplit(".", 1)[0]).window
+            sd[key] = resize_rel_pos_bias_table(table, window, tuple(own[key].shape))
+        elif key.endswith("relative_position_index"):
+            sd.pop(key)  # derived from the window, never loaded (the release drops it too)
 
 
 def load_encoder(model: VisionTransformer, ckpt: Checkpoint, allow_missing: Sequence[str] = (),
-                 allow_unexpected: Sequence[str] = ()) -> None:
-    """Load a checkpoint's encoder weights into `model` (the one rule every stage uses).
+                 allow_unexpected: Sequence[str] = ()) -> list[str]:
+    """Load a checkpoint's encoder weights into `model` (the one rule every stage uses);
+    returns the keys the checkpoint did not provide.
 
     The position embedding is fitted to the model (`_fit_pos_embed`); a distillation
     token in the checkpoint is dropped when the model has none. The final `norm` of a
     checkpoint is dropped when the model pools through `fc_norm` instead (MAE fine-tuning),
-    and may be missing from a classifier checkpoint (which has `fc_norm`). Any other key
-    that is missing or unexpected beyond the allowed prefixes is an error listing it.
+    and may be missing from a classifier checkpoint (which has `fc_norm`). Relative position
+    tables are resampled to the model's window. Any other key that is missing or unexpected
+    beyond the allowed prefixes is an error listing it.
     """
     sd = dict(ckpt.state_dict)
     own = model.state_dict()
@@ -265,12 +294,13 @@ def load_encoder(model: VisionTransformer, ckpt: Checkpoint, allow_missing: Sequ
         sd["pos_embed"] = _fit_pos_embed(sd["pos_embed"], ckpt.prefix_tokens, model, str(ckpt.path))
     if "dist_token" not in own:
         sd.pop("dist_token", None)
+    _fit_rel_pos_tables(sd, model)
     missing_ok, unexpected_ok = list(allow_missing), list(allow_unexpected)
     if not any(k.startswith("norm.") for k in own):
         unexpected_ok.append("norm.")
     if not any(k.startswith("norm.") for k in sd) and any(k.startswith("fc_norm.") for k in sd):
         missing_ok.append("norm.")
-    load_weights(model, sd, str(ckpt.path), allow_missing=missing_ok, allow_unexpected=unexpected_ok)
+    return load_weights(model, sd, str(ckpt.path), allow_missing=missing_ok, allow_unexpected=unexpected_ok)
 
 
 def _infer_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:

@@ -127,7 +127,7 @@ RANGES: dict[str, Range] = {
     "num_classes": POSITIVE, "pretrain_epochs": POSITIVE, "heads": POSITIVE, "layer_decay": Range(0, 1, low_open=True),
     "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "label_smoothing": UNIT, "reprob": Range(0, 1),
     "extra_fc": NON_NEGATIVE, "channels": POSITIVE, "aux_channels": POSITIVE, "aux_weight": NON_NEGATIVE,
-    "slide_stride": POSITIVE, "num_images": POSITIVE,
+    "slide_stride": POSITIVE, "num_images": POSITIVE, "layer_scale": Range(0, low_open=True),
 }
 
 
@@ -287,7 +287,9 @@ class SegmentationConfig(BaseConfig):
     pretrained: str | None = None
     layer_decay: float = 0.75
     out_indices: tuple[int, ...] = (3, 5, 7, 11)  # blocks 4, 6, 8, 12
-    channels: int = 512  # UperNet width (mmseg's UPerHead default)
+    channels: int = 768  # UperNet width: the release's configs (upernet_mae_*_512_slide_160k_ade20k)
+    rel_pos_bias: bool = True  # the release's backbone: a trainable relative position bias per block
+    layer_scale: float | None = 1.0  # ... and layer scale initialised to 1 (None: a plain timm ViT)
     aux_channels: int = 256
     aux_weight: float = 0.4
     slide_stride: int = 341
@@ -367,10 +369,10 @@ def _paper(stage: str, model: str) -> dict[str, Any]:
                              betas=(0.9, 0.95), schedule="cosine", min_lr=1e-6, drop_path=0.1, label_smoothing=0.1,
                              reprob=0.25, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
                              num_classes=1000, clip_grad=None)
-    if stage == "segmentation":  # Table 3 (ViT-S/B; ViT-T reuses it)
+    if stage == "segmentation":  # Table 3 (ViT-S/B; ViT-T reuses it); layer decay: the release's configs
         return common | dict(input_size=512, lr=1e-4, steps=160000, warmup_steps=1500, batch_size=16,
-                             betas=(0.9, 0.999), layer_decay=0.75, min_lr=0.0, schedule="linear",
-                             drop_path=0.1, num_classes=150, ckpt_every=16000)
+                             betas=(0.9, 0.999), layer_decay=0.8 if model == "tinymim_star_tiny" else 0.75,
+                             min_lr=0.0, schedule="linear", drop_path=0.1, num_classes=150, ckpt_every=16000)
     if stage == "robustness":  # the ImageNet-A/R/C folders are given per run
         return common | dict(batch_size=256, lr=0.0, drop_path=0.0, data="imagenet")
     raise ConfigError(f"unknown stage {stage!r}")

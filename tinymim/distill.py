@@ -96,7 +96,9 @@ class Distiller(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        return {"student.pos_embed", "student.cls_token"}
+        """The fixed position embedding only: the release decays the class token (MAE's
+        `add_weight_decay` spares 1-D tensors and biases, and nothing else)."""
+        return {"student.pos_embed"}
 
     def _keep_index(self, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.mask_ratio <= 0:

@@ -188,7 +188,7 @@ def start_run(task: nn.Module, batches: Batches, cfg: BaseConfig, run_dir: Path,
     optimizer = build_optimizer(optimize if optimize is not None else task, cfg, layer_decay)
     dtype = autocast_dtype(cfg.amp, device)
     _cast_frozen(task, dtype)
-    model = _wrap(task, device) if world_size > 1 else task
+    model = _wrap(task, device) if distributed.active() else task
     run = Run(task, model, optimizer, build_scheduler(optimizer, cfg, plan),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), plan, cfg, device, dtype,
               run_dir / "checkpoint.pth", batches.prepare)

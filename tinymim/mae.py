@@ -71,7 +71,9 @@ class MAE(nn.Module):
         assert num_patches == self.decoder_pos_embed.shape[1] - 1
 
     def no_weight_decay(self) -> set[str]:
-        return {"encoder.pos_embed", "encoder.cls_token", "mask_token"}
+        """The fixed position embedding only: MAE's main_pretrain.py decays the class and mask
+        tokens (`add_weight_decay` spares 1-D tensors and biases)."""
+        return {"encoder.pos_embed"}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         enc = self.encoder

@@ -113,7 +113,7 @@ class DistilledViT(_MAELayerIds, VisionTransformerDistilled):
 
 
 def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True, fixed_pos_embed: bool = False,
-                dynamic_img_size: bool = False) -> VisionTransformer:
+                dynamic_img_size: bool = False, layer_scale: float | None = None) -> VisionTransformer:
     """A timm ViT for `spec`.
 
     `mae_init` applies MAE's initialisation (2-D sin-cos position embedding, xavier
@@ -121,7 +121,9 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True, 
     timm's own init is kept. `fixed_pos_embed` freezes the position embedding, as MAE and
     the TinyMIM student pre-train it; fine-tuning and segmentation train it (MAE's and
     TinyMIM's fine-tuning code). `dynamic_img_size` accepts any input size, resampling
-    the position embedding on the fly (segmentation).
+    the position embedding on the fly (segmentation). `layer_scale` adds timm's LayerScale
+    (`ls1`/`ls2.gamma`, trainable, initialised to that value) to every block, as the release's
+    segmentation backbone (BEiT's `init_values`).
     """
     a = spec.dims
     if len(spec.heads) != a.depth:
@@ -141,6 +143,7 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True, 
         fc_norm=spec.global_pool == "avg" and spec.num_classes > 0,
         drop_path_rate=drop_path,
         dynamic_img_size=dynamic_img_size,
+        init_values=layer_scale,
     )
     for blk, h in zip(model.blocks, spec.heads):
         if blk.attn.num_heads != h:
@@ -160,6 +163,70 @@ def build_model(spec: ModelSpec, drop_path: float = 0.0, mae_init: bool = True, 
     model.pos_embed.requires_grad_(not fixed_pos_embed)
     model.tinymim_spec = spec  # type: ignore[attr-defined]
     return model
+
+
+def relative_position_index(window: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """BEiT's index into a relative position bias table for a `window` of patches after
+    `prefix` tokens: the patch pairs first, then 3 entries per prefix token (to the patches,
+    from the patches, to itself), the class token's last -- timm's `gen_relative_position_index`
+    for one prefix token; TinyMIM*-T's segmentation backbone (class + distillation token) for two,
+    in the release's order of assignment (Segmentation/TinyMIMstar-T/backbone/mae.py)."""
+    from timm.models.beit import gen_relative_position_index
+
+    one = gen_relative_position_index(window)
+    if prefix == 1:
+        return one
+    if prefix != 2:
+        raise ValueError(f"relative position bias: 1 or 2 prefix tokens, got {prefix}")
+    area, num = window[0] * window[1], (2 * window[0] - 1) * (2 * window[1] - 1) + 6
+    index = torch.zeros(area + 2, area + 2, dtype=one.dtype)
+    index[2:, 2:] = one[1:, 1:]
+    index[1, 0:], index[0:, 1], index[1, 1] = num - 6, num - 5, num - 4  # distillation token
+    index[0, 0:], index[0:, 0], index[0, 0] = num - 3, num - 2, num - 1  # class token
+    return index
+
+
+class RelPosAttention(Attention):
+    """timm's attention with BEiT's per-block relative position bias, as the release's
+    segmentation backbone has it (zero-initialised, trainable; `relative_position_bias_table`
+    names it). The table is made for the training `window` of patches; a forward on another grid
+    (`grid`, set by the caller for each input) resamples it bicubically (timm's
+    `resize_rel_pos_bias_table_simple`)."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int], prefix: int = 1, qkv_bias: bool = True):
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.window, self.prefix, self.grid = tuple(window), prefix, tuple(window)
+        extra = 3 * prefix
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1) + extra, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(self.window, prefix), persistent=False)
+
+    def position_bias(self) -> torch.Tensor:
+        """heads x N x N: the bias of every token pair on the current grid."""
+        from timm.layers import resize_rel_pos_bias_table_simple
+
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if self.grid != self.window:
+            size = (2 * self.grid[0] - 1) * (2 * self.grid[1] - 1) + 3 * self.prefix
+            table = resize_rel_pos_bias_table_simple(table, self.grid, (size, table.shape[1]))
+            index = relative_position_index(self.grid, self.prefix).to(table.device)
+        n = index.shape[0]
+        return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        bias = self.position_bias().unsqueeze(0).to(x.dtype)
+        return super().forward(x, attn_mask=bias if attn_mask is None else attn_mask + bias, **kwargs)
+
+
+def add_relative_position_bias(model: VisionTransformer, window: tuple[int, int]) -> None:
+    """Every block's attention becomes a `RelPosAttention` for `window` (its weights kept)."""
+    for blk in model.blocks:
+        old = blk.attn
+        new = RelPosAttention(old.qkv.in_features, old.num_heads, window, model.num_prefix_tokens,
+                              qkv_bias=old.qkv.bias is not None)
+        new.load_state_dict(old.state_dict(), strict=False)
+        new.fused_attn = old.fused_attn
+        blk.attn = new
 
 
 def set_fused_attention(model: VisionTransformer, fused: bool) -> None:

@@ -26,10 +26,18 @@ from .models import ModelSpec, build_model, model_spec
 
 
 def build_student(cfg: PretrainConfig, teacher_heads: int):
-    """The student of METHOD.md: MAE init, its own heads except the last block, which
-    takes the teacher's head count (head alignment)."""
+    """The student of docs/method.md: MAE init, its own heads except the last block, which
+    takes the teacher's head count (head alignment). Stochastic depth as the release's
+    models_tinymim.py: the same rate in every block but the last (whose MLP the loss never
+    reaches), not timm's linear ramp, which would regularise half as much."""
+    from timm.layers import DropPath
+
     spec = ModelSpec.create(cfg.model, heads=cfg.student_heads, last_heads=teacher_heads, img_size=cfg.input_size)
-    return build_model(spec, drop_path=cfg.drop_path, fixed_pos_embed=True)
+    student = build_model(spec, fixed_pos_embed=True)
+    if cfg.drop_path > 0:
+        for blk in student.blocks[:-1]:
+            blk.drop_path1, blk.drop_path2 = DropPath(cfg.drop_path), DropPath(cfg.drop_path)
+    return student
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,

@@ -1,13 +1,16 @@
 """Semantic segmentation on a plain ViT: multi-scale adapter + UperNet (ADE20K, Table 3).
 
 No maintained library ships UperNet on a plain ViT for current torch (mmseg/mmcv pins
-are stale), so this is a small plain-PyTorch port of what MAE/BEiT used: ViT blocks 4, 6,
-8, 12 -> a 4x/2x/1x/0.5x feature pyramid (two 2x transposed convs with norm + GELU; one
-2x transposed conv; identity; 2x max-pool), mmseg's UPerHead (pyramid pooling 1/2/3/6 +
-FPN fusion) and an auxiliary FCN head on the third level (loss weight 0.4). Inference is
-whole-image or sliding-window (mmseg's `slide`); mIoU comes from an accumulated
-confusion matrix, with classes absent from both prediction and ground truth left out
-of the mean, as mmseg does.
+are stale), so this is a small plain-PyTorch port of what the TinyMIM release trains
+(Segmentation/, on mae_segmentation): a BEiT-style ViT backbone -- timm's ViT with layer scale
+(`init_values=1`) and a per-block relative position bias, both trainable -- whose blocks 4, 6, 8,
+12 become a 4x/2x/1x/0.5x feature pyramid (two 2x transposed convs with norm + GELU; one 2x
+transposed conv; identity; 2x max-pool), mmseg's UPerHead (pyramid pooling 1/2/3/6 + FPN fusion)
+and an auxiliary FCN head on the third level (loss weight 0.4), initialised as mmseg/mmcv do;
+the cross-entropy averages over all pixels, ignored ones counting 0 (mmseg 0.x). TinyMIM*-T has
+the release's own pyramid (`StarAdapter`). Inference is whole-image or sliding-window (mmseg's
+`slide`); mIoU comes from an accumulated confusion matrix, with classes absent from both
+prediction and ground truth left out of the mean, as mmseg does.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import engine
+from . import distributed, engine
 from .checkpoints import (
     CLASSIFIER_KEYS,
+    SEGMENTATION_ONLY,
     CheckpointError,
     atomic_save,
     atomic_write_json,
@@ -36,17 +40,34 @@ from .checkpoints import (
     read_checkpoint,
 )
 from .config import SegmentationConfig, config_from_dict
-from . import distributed
 from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, MemoryImages, Segment, batches, resource_lines, synthetic
 from .data.transforms import normalize
 from .devices import resolve_device
 from .evaluation import confusion_matrix, inference_autocast
-from .models import ModelSpec, build_model
+from .models import ModelSpec, RelPosAttention, add_relative_position_bias, build_model
+
+STAR = "tinymim_star_tiny"
+STAR_WIDTH = 1280  # TinyMIM*-T's widened last level (Segmentation/TinyMIMstar-T/backbone/mae.py: conv1x1)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """mmcv's ConvModule(conv, BN, ReLU)."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+
+def init_head_(head: nn.Module) -> None:
+    """mmseg's initialisation of a decode head: ConvModule convolutions kaiming-normal (fan_out,
+    relu) with BatchNorm 1/0 (mmcv), the classifier `conv_seg` N(0, 0.01) with bias 0."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(head.classify.weight, std=0.01)
+    nn.init.zeros_(head.classify.bias)
 
 
 class MultiScaleAdapter(nn.Module):
@@ -59,6 +80,24 @@ class MultiScaleAdapter(nn.Module):
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.keep = nn.Identity()
         self.down2 = nn.MaxPool2d(2)
+        self.channels = [dim] * 4
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [op(f) for op, f in zip((self.up4, self.up2, self.keep, self.down2), feats)]
+
+
+class StarAdapter(nn.Module):
+    """TinyMIM*-T's released pyramid: every level widened to 4 x the width (768 for ViT-T's 192);
+    the last from the widened last block (`wide` channels, 1280) by a strided 3x3 convolution."""
+
+    def __init__(self, dim: int, wide: int):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, 2 * dim, 2, 2), nn.BatchNorm2d(2 * dim), nn.GELU(),
+                                 nn.ConvTranspose2d(2 * dim, 4 * dim, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, 4 * dim, 2, 2)
+        self.keep = nn.Conv2d(dim, 4 * dim, 1)
+        self.down2 = nn.Conv2d(wide, 4 * dim, 3, stride=2, padding=1)
+        self.channels = [4 * dim] * 4
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [op(f) for op, f in zip((self.up4, self.up2, self.keep, self.down2), feats)]
@@ -77,6 +116,7 @@ class UPerHead(nn.Module):
         self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(0.1)
         self.classify = nn.Conv2d(channels, num_classes, 1)
+        init_head_(self)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         top = feats[-1]
@@ -99,19 +139,21 @@ class FCNHead(nn.Module):
         self.conv = conv_bn_relu(in_channels, channels, 3)
         self.dropout = nn.Dropout2d(0.1)
         self.classify = nn.Conv2d(channels, num_classes, 1)
+        init_head_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.dropout(self.conv(x)))
 
 
 class ViTUperNet(nn.Module):
-    """ViT backbone (any input size: position embeddings are resampled on the fly) +
-    adapter + UperNet + auxiliary FCN. forward(x) -> (logits, aux_logits) at a quarter of
-    the patch stride (1/4 of the input for patch 16); callers upsample."""
+    """ViT backbone (any input size: position embeddings and relative position biases are
+    resampled on the fly) + adapter + UperNet + auxiliary FCN. forward(x) -> (logits,
+    aux_logits) at a quarter of the patch stride (1/4 of the input for patch 16); callers
+    upsample. `widen` (TinyMIM*-T's LN + Linear + GELU) applies to the last level's tokens."""
 
     def __init__(self, backbone: VisionTransformer, out_indices: Sequence[int], num_classes: int,
-                 channels: int = 512, aux_channels: int = 256, extra_fc: nn.Module | None = None,
-                 extra_dim: int = 0):
+                 channels: int = 512, aux_channels: int = 256, adapter: nn.Module | None = None,
+                 widen: nn.Module | None = None):
         super().__init__()
         depth = len(backbone.blocks)
         if len(out_indices) != 4 or not all(0 <= i < depth for i in out_indices):
@@ -123,58 +165,70 @@ class ViTUperNet(nn.Module):
         # refuses parameters without gradient): the final norm, and the blocks after the last level
         for unused in (backbone.norm, *backbone.blocks[max(out_indices) + 1:]):
             unused.requires_grad_(False)
-        self.extra_fc = extra_fc  # TinyMIM*-T: its 192 -> 1280 FC applied to every token map
-        dim = extra_dim or backbone.embed_dim
-        self.adapter = MultiScaleAdapter(dim)
-        self.decode = UPerHead([dim] * 4, channels, num_classes)
-        self.aux = FCNHead(dim, aux_channels, num_classes)
+        self.widen = widen
+        self.adapter = adapter or MultiScaleAdapter(backbone.embed_dim)
+        self.decode = UPerHead(self.adapter.channels, channels, num_classes)
+        self.aux = FCNHead(self.adapter.channels[2], aux_channels, num_classes)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer ids for layer-wise lr decay as BEiT/MAE's segmentation: the embeddings,
-        then one per block; everything else -- the adapter, heads, TinyMIM*-T's FC -- is
+        then one per block; everything else -- the adapter, heads, TinyMIM*-T's widening -- is
         unmatched and keeps the full lr."""
-        return {"stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed)", "blocks": r"^backbone\.blocks\.(\d+)"}
+        return {"stem": r"^backbone\.(?:cls_token|dist_token|pos_embed|patch_embed)",
+                "blocks": r"^backbone\.blocks\.(\d+)"}
 
     def no_weight_decay(self) -> set[str]:
-        return {"backbone.pos_embed", "backbone.cls_token"}
+        return {"backbone.pos_embed", "backbone.cls_token", "backbone.dist_token"}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.backbone
         t = b.patch_embed(x)  # B x H x W x C (dynamic size)
         h, w = t.shape[1:3]
+        for blk in b.blocks:
+            if isinstance(blk.attn, RelPosAttention):
+                blk.attn.grid = (h, w)
         t = b.norm_pre(b._pos_embed(t))
         feats = []
+        last = max(self.out_indices)
         for i, blk in enumerate(b.blocks):
             t = blk(t)
             if i in self.out_indices:
-                f = t[:, b.num_prefix_tokens:]
-                if self.extra_fc is not None:
-                    f = self.extra_fc(f)
-                feats.append(f.transpose(1, 2).reshape(len(x), -1, h, w))
-            if i == max(self.out_indices):
+                if i == last and self.widen is not None:
+                    t = self.widen(t)
+                feats.append(t[:, b.num_prefix_tokens:].transpose(1, 2).reshape(len(x), -1, h, w))
+            if i == last:
                 break
         feats = self.adapter(feats)
         return self.decode(feats), self.aux(feats[2])
 
 
 def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
-    """The segmentation model; with `cfg.pretrained`, the encoder weights through
-    `checkpoints.load_encoder` (position embedding resampled to the input grid, a
-    classifier checkpoint's heads ignored, TinyMIM*-T's extra FC kept for every level)."""
+    """The segmentation model of the release: the backbone with layer scale and relative
+    position bias (`cfg.layer_scale`, `cfg.rel_pos_bias`: both recorded in the run's config; off
+    gives a plain timm ViT), the encoder weights through `checkpoints.load_encoder` (absolute
+    position embedding kept and resampled to the input grid, as the release's loader does; the
+    layer scales and bias tables created, not loaded; a classifier checkpoint's heads ignored).
+    TinyMIM*-T: its class and distillation tokens, 12 heads, and the released pyramid."""
     ckpt = open_checkpoint(cfg.pretrained) if cfg.pretrained else None
     spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
-    extra = 0
     if ckpt is not None and ckpt.spec is not None:
         spec = replace(spec, heads=ckpt.spec.heads)
-        extra = ckpt.spec.extra_fc
-    backbone = build_model(spec, drop_path=cfg.drop_path, dynamic_img_size=True)
-    extra_fc = nn.Sequential(nn.Linear(backbone.embed_dim, extra), nn.Hardswish()) if extra else None
+    star = cfg.model == STAR
+    if star:  # a backbone, not a classifier: the distillation token without its head
+        spec = replace(spec, dist_token=True, global_pool="token")
+    backbone = build_model(spec, drop_path=cfg.drop_path, dynamic_img_size=True, layer_scale=cfg.layer_scale)
+    if cfg.rel_pos_bias:
+        add_relative_position_bias(backbone, tuple(backbone.patch_embed.grid_size))
     if ckpt is not None:
-        load_encoder(backbone, ckpt, allow_unexpected=CLASSIFIER_KEYS)
-        if extra_fc is not None:
-            extra_fc[0].load_state_dict({"weight": ckpt.state_dict["head.fc.weight"],
-                                         "bias": ckpt.state_dict["head.fc.bias"]})
-    return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, extra_fc, extra)
+        load_encoder(backbone, ckpt, allow_missing=SEGMENTATION_ONLY, allow_unexpected=CLASSIFIER_KEYS)
+    dim = backbone.embed_dim
+    adapter = widen = None
+    if star:
+        adapter = StarAdapter(dim, STAR_WIDTH)
+        widen = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, STAR_WIDTH), nn.GELU())
+        nn.init.trunc_normal_(widen[1].weight, std=0.02)  # the release backbone's Linear init
+        nn.init.zeros_(widen[1].bias)
+    return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, adapter, widen)
 
 
 def load_segmenter(path: str | os.PathLike) -> tuple[ViTUperNet, SegmentationConfig]:
@@ -191,7 +245,7 @@ def load_segmenter(path: str | os.PathLike) -> tuple[ViTUperNet, SegmentationCon
 
 
 class SegmentationTask(nn.Module):
-    """forward(images, masks) -> (loss, parts): CE (ignore 255) + aux_weight x auxiliary CE,
+    """forward(images, masks) -> (loss, parts): `pixel_loss` + aux_weight x the auxiliary's,
     on the device half of `data.augment.Segment`'s recipe."""
 
     def __init__(self, model: ViTUperNet, cfg: SegmentationConfig):
@@ -200,12 +254,16 @@ class SegmentationTask(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits, aux = self.model(images)
-        size = masks.shape[-2:]
-        main = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear", align_corners=False),
-                               masks.long(), ignore_index=IGNORE_INDEX)
-        aux = F.cross_entropy(F.interpolate(aux, size=size, mode="bilinear", align_corners=False),
-                              masks.long(), ignore_index=IGNORE_INDEX)
+        main, aux = pixel_loss(logits, masks), pixel_loss(aux, masks)
         return main + self.cfg.aux_weight * aux, {"loss_main": main.detach(), "loss_aux": aux.detach()}
+
+
+def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """mmseg 0.x's CrossEntropyLoss (the release's): logits upsampled to the mask, per-pixel
+    cross-entropy, averaged over all pixels -- an ignored pixel counts as 0, it is not left
+    out of the denominator (`avg_non_ignore=False`)."""
+    logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX, reduction="none").mean()
 
 
 def segmentation_batches(cfg: SegmentationConfig, rank: int = 0, world_size: int = 1) -> LoaderBatches:
@@ -330,7 +388,7 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
     model = build_segmenter(cfg)
     rank, world_size = distributed.world()
     dev = resolve_device(device)
-    if world_size > 1 and dev.type == "cuda":  # SyncBatchNorm has no CPU kernels: gloo runs keep per-rank BN
+    if distributed.active() and dev.type == "cuda":  # SyncBatchNorm has no CPU kernels: gloo runs keep per-rank BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine.train(SegmentationTask(model, cfg), segmentation_batches(cfg, rank, world_size), cfg, run_dir,
                  device=device, progress=progress, optimize=model, layer_decay=cfg.layer_decay)
