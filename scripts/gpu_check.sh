@@ -78,7 +78,7 @@ run1 chain pretrain --set "teacher_path=$TEACHER" --chain micro_small,micro_tiny
 run1 finetune finetune
 run1 star finetune --set dist_token=true --set extra_fc=64 --set heads=6 --set mixup=0 --set cutmix=0 \
   --set "teacher_classifier=$CLASSIFIER"
-run1 segment segment
+run1 segmentation segmentation
 run1 augment-device pretrain --set "teacher_path=$TEACHER" --set augment=device
 
 check doctor 240 "$PY" -m tinymim "${DOCTOR[@]}"

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from tinymim import distributed, engine
-from tinymim.config import get_config
 from tinymim.finetune import train_classifier
 from tinymim.mae import pretrain_mae
+from tinymim.presets import get_config
 from tinymim.pretrain import pretrain, pretrain_sequential
 from tinymim.segmentation import train_segmentation
 

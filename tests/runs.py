@@ -4,8 +4,8 @@ import torch
 
 from tinymim import pipeline
 from tinymim.checkpoints import atomic_save, save_model
-from tinymim.config import get_config
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 from tinymim.segmentation import build_segmenter
 
 
@@ -17,9 +17,12 @@ def make_tiny_run(root) -> pipeline.RunLayout:
     save_model(build_model(ModelSpec.create("micro_base")), run.teacher)
     run.pretrain.mkdir(parents=True, exist_ok=True)
     save_model(build_model(ModelSpec.create("micro_tiny", last_heads=6)), run.student)
-    for folder in (run.finetune / "distilled-s0", run.baselines / "micro_tiny-scratch-abc123"):
+    for folder, pretrained in ((run.finetune / "distilled-s0", str(run.student)),
+                               (run.baselines / "micro_tiny-scratch-abc123", None)):
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), folder / "model.pth")
+        cfg = get_config("finetune", profile="smoke", overrides={"pretrained": pretrained, "seed": 0})
+        save_model(build_model(ModelSpec.create("micro_tiny", num_classes=10)), folder / "model.pth",
+                   extra={"config": cfg.to_dict()})  # what notebook 03 records: its arm and seed
     cfg = get_config("segmentation", profile="smoke")
     run.segmentation.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": build_segmenter(cfg).state_dict(), "config": cfg.to_dict()}, run.segmentation / "model.pth")

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import kstest, ks_2samp
+from scipy.stats import ks_2samp, kstest
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from tinymim.config import derive_seed, get_config
+from tinymim.config import derive_seed
 from tinymim.data import Augmented, Classify, ImageNetFolder, MemoryImages, Segment, Views
-from tinymim.data.augment import Ragged, collate, color_jitter, jitter_params, sample_seed
+from tinymim.data.augment import Ragged, collate, color_jitter, jitter_params
 from tinymim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tinymim.presets import get_config
 
 CPU = torch.device("cpu")
 

@@ -68,7 +68,7 @@ def test_mae(tmp_path, capsys):
     args = ["mae", "--model", "micro_tiny", "--out", str(tmp_path), *TINY, "--set", "decoder_dim=32",
             "--set", "decoder_depth=1", "--set", "decoder_heads=2"]
     assert main(args) == 0
-    assert "teacher:" in capsys.readouterr().out
+    assert _json(capsys.readouterr().out)["path"] == str(tmp_path / "teacher.pth")
     assert len(load_teacher(None, tmp_path / "teacher.pth").blocks) == 4
 
 
@@ -80,7 +80,7 @@ def test_pretrain(tmp_path, teacher, capsys):
 
 def test_finetune(tmp_path, capsys):
     assert main(["finetune", "--out", str(tmp_path), *TINY]) == 0
-    metrics = _json(capsys.readouterr().out)
+    metrics = _json(capsys.readouterr().out)["metrics"]
     assert metrics["steps"] == 2 and metrics == json.loads((tmp_path / "eval.json").read_text())
 
 
@@ -90,10 +90,17 @@ def test_evaluate(classifier, capsys):
     assert res["n"] == 2000 and set(res) == {"top1", "top5", "n"}
 
 
-def test_segment(tmp_path, capsys):
+def test_segmentation(tmp_path, capsys):
+    assert main(["segmentation", "--out", str(tmp_path), *TINY]) == 0
+    result = _json(capsys.readouterr().out)
+    assert result["stage"] == "segmentation" and "per_class_IoU" not in result["metrics"]
+    assert result["metrics"]["mIoU"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["mIoU"])
+
+
+def test_segment_is_segmentation(tmp_path, capsys):
+    """The old name of the command stays (docs and tests use `segmentation`)."""
     assert main(["segment", "--out", str(tmp_path), *TINY]) == 0
-    metrics = _json(capsys.readouterr().out)
-    assert metrics["mIoU"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["mIoU"])
+    assert _json(capsys.readouterr().out)["stage"] == "segmentation"
 
 
 def test_robustness(classifier, capsys):
@@ -171,10 +178,10 @@ def test_doctor_at_paper_sizes(capsys):
     assert train["vit_base"]["paper_images"] == 100 * 1_281_167  # Table 2: 100 epochs for ViT-B
 
 
-@pytest.mark.parametrize("command", ["mae", "pretrain", "finetune", "segment", "evaluate", "robustness", "doctor"])
+@pytest.mark.parametrize("command", ["mae", "pretrain", "finetune", "segmentation", "evaluate", "robustness", "doctor"])
 def test_every_command_that_computes_takes_a_device_and_names_a_missing_one(command, tmp_path, capsys):
     positional = {"evaluate": ["x.pth", "--data", "synthetic"], "robustness": ["x.pth"]}.get(command, [])
-    out = ["--out", str(tmp_path)] if command in ("mae", "pretrain", "finetune", "segment") else []
+    out = ["--out", str(tmp_path)] if command in ("mae", "pretrain", "finetune", "segmentation") else []
     code = main([command, *positional, *out, "--device", "cuda:7"])
     err = capsys.readouterr().err  # named before any work (no checkpoint read, no teacher trained)
     assert code == 1 and "cuda:7" in err and ("no CUDA GPU" in err or "GPU(s)" in err), err

@@ -5,8 +5,9 @@ from importlib import resources
 
 import pytest
 
-from tinymim.config import ConfigError, get_config
+from tinymim.config import ConfigError
 from tinymim.models import ARCHS
+from tinymim.presets import get_config
 
 TABLES = json.loads(resources.files("tinymim.resources").joinpath("paper_tables.json").read_text())
 T1, T2, T3 = TABLES["table1_pretrain"], TABLES["table2_finetune"], TABLES["table3_segmentation"]
@@ -117,3 +118,21 @@ def test_steps_alone_scales_the_warmup_share(steps, warmup):
     assert bool(caught) == (steps <= 50) and (not caught or "warm-up scaled" in str(caught[0].message))
     with pytest.raises(ConfigError, match="warmup_steps"):
         get_config("finetune", profile="smoke", overrides={"steps": "5", "warmup_steps": "5"})
+
+
+@pytest.mark.parametrize("stage, model", [("pretrain", m) for m in ("vit_tiny", "vit_small", "vit_base")]
+                         + [("finetune", m) for m in ("vit_tiny", "vit_small", "vit_base")]
+                         + [("segmentation", m) for m in ("vit_small", "vit_base")])
+def test_every_row_of_the_tables_is_what_the_paper_preset_uses(stage, model):
+    """The presets (resources/presets/paper.yaml) against the transcribed tables, row by row,
+    through the mapping the reports use (resources/paper_tables.json 'fields')."""
+    from tinymim import reports
+
+    rows = reports.hyperparameter_rows(stage, get_config(stage, model, "paper").to_dict())
+    assert len(rows) >= 12 and not [r for r in rows if r["differs"]]
+
+
+def test_a_profile_that_extends_another_changes_only_what_it_says():
+    smoke, tiny = get_config("finetune", profile="smoke"), get_config("finetune", profile="tiny")
+    changed = {k for k, v in smoke.to_dict().items() if tiny.to_dict()[k] != v}
+    assert changed == {"profile", "steps", "warmup_steps", "batch_size", "data_limit"}

@@ -7,7 +7,6 @@ import torch
 from tinymim import devices
 from tinymim.devices import DeviceError, autocast_dtype, gpu_count, loader_options, resolve_device
 
-
 V100, A100, H100 = (7, 0), (8, 0), (9, 0)
 
 
@@ -74,8 +73,8 @@ def test_precision_follows_the_device(gpus, monkeypatch):
 
 def test_fp16_runs_with_a_grad_scaler_and_bf16_without(tmp_path, monkeypatch):
     from tinymim import engine
-    from tinymim.config import get_config
     from tinymim.data import TensorBatches
+    from tinymim.presets import get_config
 
     class Task(torch.nn.Module):
         def __init__(self):
@@ -146,7 +145,7 @@ def test_loader_options_feed_a_gpu(gpus, monkeypatch):
 
 
 def test_the_config_leaves_workers_to_the_host():
-    from tinymim.config import get_config
+    from tinymim.presets import get_config
 
     assert get_config("pretrain", "vit_small", "paper").num_workers is None  # default_workers() at run time
     assert get_config("pretrain", profile="smoke").num_workers == 0  # in-memory tensors

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 
 from tinymim import distributed, engine
-from tinymim.config import get_config
 from tinymim.data import TensorBatches
 from tinymim.distill import Distiller
-from tinymim.finetune import Classifier, build_classifier
+from tinymim.finetune import Classifier, build_classifier, recipe
 from tinymim.mae import MAE
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 from tinymim.pretrain import build_student
 from tinymim.segmentation import SegmentationTask, build_segmenter
 
@@ -87,10 +87,11 @@ def _tasks():
         yield target, Distiller(student, teacher, target=target), (x, x)
     yield "masked", Distiller(build_student(pre, 6), teacher, mask_ratio=0.5), (x, x)
     ft = get_config("finetune")
-    yield "finetune", Classifier(build_classifier(ft), ft), (x, torch.arange(4))
+    crops = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "label": torch.arange(4)}
+    yield "finetune", Classifier(build_classifier(ft), ft), recipe(ft).device(crops, torch.device("cpu"))
     star = get_config("finetune", overrides={"dist_token": True, "extra_fc": 64, "heads": 6, "teacher_classifier": "x"})
     yield "star", Classifier(build_classifier(star), star, teacher=build_model(ModelSpec.create("micro_tiny", num_classes=10))), \
-        (x, torch.arange(4))
+        recipe(star).device(crops, torch.device("cpu"))
     for model in ("micro_tiny", "micro_base"):  # levels from blocks 1-4: micro_base's blocks 5-6 are never reached
         seg = get_config("segmentation", model, overrides={"out_indices": [0, 1, 2, 3]})
         yield f"segmentation-{model}", SegmentationTask(build_segmenter(seg), seg), (x, torch.randint(0, 11, (4, 32, 32)))

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from tinymim import engine
-from tinymim.config import get_config
 from tinymim.data import Augmented, LoaderBatches, MemoryImages, Views
 from tinymim.mae import MAE
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 
 
 def _mae_task(seed=0):

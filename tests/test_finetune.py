@@ -7,11 +7,12 @@ from torch import nn
 
 from tinymim import engine
 from tinymim.checkpoints import CheckpointError, save_model
-from tinymim.config import ConfigError, get_config
+from tinymim.config import ConfigError
 from tinymim.engine import build_optimizer
 from tinymim.evaluation import topk_accuracy
 from tinymim.finetune import Classifier, build_classifier, evaluate, recipe, train_classifier
 from tinymim.models import ModelSpec, build_model, model_spec
+from tinymim.presets import get_config
 
 
 def _cfg(**kw):

@@ -20,7 +20,7 @@ def test_the_dry_run_passes_every_check_and_logs_each_as_it_goes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["check"] for r in records][0] == "environment" and records[-1]["check"] == "done"
     stages = {r["check"] for r in records if r["check"].startswith("torchrun-")}
-    assert stages == {f"torchrun-{s}" for s in ("mae", "relation", "feature", "chain", "finetune", "star", "segment",
+    assert stages == {f"torchrun-{s}" for s in ("mae", "relation", "feature", "chain", "finetune", "star", "segmentation",
                                                  "augment-device")}
     failed = {r["check"]: r["tail"] for r in records[:-1] if r["rc"] != 0}
     assert not failed, failed

@@ -14,8 +14,8 @@ from nbclient import NotebookClient
 
 from tinymim import launch
 from tinymim.checkpoints import save_model
-from tinymim.config import get_config
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 
 TINY = {"steps": 4, "warmup_steps": 1, "batch_size": 16, "data_limit": 64, "log_every": 1, "ckpt_every": 2,
         "amp": "none", "drop_path": 0.0}
@@ -63,7 +63,7 @@ def test_a_notebook_cell_launches_torchrun_and_gets_the_cli_student(work, teache
     out = work / "notebook"
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
-        "from tinymim import launch\nfrom tinymim.config import get_config\n"
+        "from tinymim import launch\nfrom tinymim.presets import get_config\n"
         f"cfg = get_config('pretrain', 'micro_tiny', 'smoke', {overrides!r})\n"
         f"student = launch.train_stage('pretrain', cfg, {str(out)!r}, device='cpu', nproc=2)\n"
         "print('student at', student)")]

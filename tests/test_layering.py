@@ -5,10 +5,12 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinymim"
-GROUND = {"config", "devices", "distributed", "data", "models", "checkpoints", "attention", "evaluation", "engine", "reports"}
+GROUND = {"config", "presets", "devices", "distributed", "data", "models", "checkpoints", "attention", "evaluation",
+          "engine", "stats", "reports"}
 STAGES = {"mae": "mae", "distill": "pretrain", "pretrain": "pretrain", "finetune": "finetune",
           "segmentation": "segmentation", "robustness": "robustness", "viz": "viz"}  # module -> stage
-LAYER = {**{m: 0 for m in GROUND}, **{m: 1 for m in STAGES}, "pipeline": 2, "launch": 2, "doctor": 2, "explore": 2, "bench": 2, "runner": 3, "study": 3, "__main__": 4}
+LAYER = {**{m: 0 for m in GROUND}, **{m: 1 for m in STAGES}, "stages": 2, "pipeline": 2, "launch": 2, "doctor": 2,
+         "explore": 2, "bench": 2, "runner": 3, "study": 3, "__main__": 4}
 
 
 def _imports(path: Path, package: Path = PACKAGE) -> set[str]:
@@ -76,3 +78,24 @@ def test_the_checker_sees_violations(tmp_path):
     graph = _graph(pkg)
     assert graph == {"robustness": {"finetune"}, "engine": {"pipeline"}, "data": {"models"}}
     assert len(_violations(graph)) == 2  # a stage importing a stage; the ground floor importing the pipeline
+
+
+def test_only_the_registry_names_a_stage_and_nothing_imports_by_string():
+    """The stage registry (stages.py) is the one list of stages: no module builds a stage's
+    module name as a string (importlib) or keeps a table of stage names of its own."""
+    names = {"mae", "pretrain", "finetune", "segmentation"}
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                problems.append(f"{path.name}: imports by string")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("tinymim."):
+                if node.value.split(".")[1] in STAGES:
+                    problems.append(f"{path.name}: names {node.value!r}")
+            if isinstance(node, ast.Dict) and path.name != "stages.py":
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                if len(keys & names) >= 3:  # a table keyed by stage names: a second registry
+                    problems.append(f"{path.name}: a table of stages {sorted(keys & names)}")
+    assert not problems, problems

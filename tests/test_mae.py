@@ -2,9 +2,9 @@
 
 import torch
 
-from tinymim.config import get_config
 from tinymim.mae import MAE, patchify, random_masking
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 
 
 def test_patchify_row_major_patches_with_channels_last():

@@ -11,8 +11,7 @@ from tinymim.checkpoints import (
     load_teacher,
     save_model,
 )
-from tinymim.config import ARCHS, Arch
-from tinymim.models import ModelSpec, build_model, model_spec, paper_model_specs, summary_row
+from tinymim.models import ARCHS, Arch, ModelSpec, build_model, model_spec, paper_model_specs, summary_row
 
 
 def test_published_model_sizes():

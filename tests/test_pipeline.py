@@ -16,17 +16,16 @@ MAE_TINY = {"steps": 2, "warmup_steps": 1, "batch_size": 8, "data_limit": 16, "d
 
 def test_smoke_teacher_is_trained_once_per_config(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYMIM_CACHE", str(tmp_path / "cache"))
-    calls = []
-    real = pipeline.train_stage
-    monkeypatch.setattr(pipeline, "train_stage", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     first = pipeline.smoke_teacher(tmp_path / "a", MAE_TINY, progress=False)
+    (cached,) = (tmp_path / "cache" / "teachers").glob("*/teacher.pth")
+    trained_at = cached.stat().st_mtime_ns
     again = pipeline.smoke_teacher(tmp_path / "b", MAE_TINY, progress=False)
-    assert len(calls) == 1  # the second run directory got a copy of the cached one
+    assert cached.stat().st_mtime_ns == trained_at  # trained once; the second run directory got a copy
     assert torch.equal(torch.load(first, weights_only=True)["model"]["cls_token"],
                        torch.load(again, weights_only=True)["model"]["cls_token"])
     assert {p.name for p in (tmp_path / "b").iterdir()} == {"teacher.pth", "mae_full.pth", "metrics.jsonl"}
     pipeline.smoke_teacher(None, MAE_TINY | {"mask_ratio": 0.5}, progress=False)  # another config: another teacher
-    assert len(calls) == 2 and len(list((tmp_path / "cache" / "teachers").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 2
 
 
 def test_paper_profile_demands_inputs_and_names_the_parameter(tmp_path):
@@ -57,21 +56,21 @@ def test_comparison_is_fair_and_summarised_over_seeds(tmp_path):
     torch.manual_seed(0)
     student = save_model(build_model(ModelSpec.create("micro_tiny", last_heads=6)), tmp_path / "student.pth")
     tiny = {"steps": 2, "warmup_steps": 1, "batch_size": 8, "data_limit": 16, "amp": "none"}
-    configs = pipeline.comparison_configs("smoke", student, overrides=tiny, seeds=(0, 1))
-    assert sorted(configs) == ["distilled-s0", "distilled-s1", "scratch-s0", "scratch-s1"]
-    d, s = configs["distilled-s1"], configs["scratch-s1"]
+    run = pipeline.layout(tmp_path / "run", "smoke")
+    arms = pipeline.comparison(run, "smoke", student, overrides=tiny, seeds=(0, 1))
+    assert [(a.arm, a.seed) for a in arms] == [("scratch", 0), ("distilled", 0), ("scratch", 1), ("distilled", 1)]
+    d, s = arms[3].cfg, arms[2].cfg
     same = {k for k in d.to_dict() if k not in ("pretrained", "layer_decay")}
     assert all(d.to_dict()[k] == s.to_dict()[k] for k in same) and d.seed == 1  # one recipe, one budget
     assert s.pretrained is None and s.layer_decay == 1.0
-    run = pipeline.layout(tmp_path / "run", "smoke")
-    dirs = pipeline.run_comparison(run, configs, progress=False)
-    assert dirs["scratch-s0"].parent == run.baselines and dirs["distilled-s0"].parent == run.finetune
-    top1 = {name: json.loads((p / "eval.json").read_text())["top1"] for name, p in dirs.items()}
-    summary = pipeline.summarize_comparison(dirs)
-    assert summary["distilled"]["values"] == [top1["distilled-s0"], top1["distilled-s1"]]
-    margins = [top1["distilled-s0"] - top1["scratch-s0"], top1["distilled-s1"] - top1["scratch-s1"]]
-    assert summary["margin"]["mean"] == pytest.approx(sum(margins) / 2)
-    assert summary["margin"]["std"] == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
-    mtime = (dirs["scratch-s0"] / "model.pth").stat().st_mtime_ns
-    pipeline.run_comparison(run, configs, progress=False)  # finished runs are not trained again
-    assert (dirs["scratch-s0"] / "model.pth").stat().st_mtime_ns == mtime
+    assert arms[0].path.parent == run.baselines and arms[1].path.parent == run.finetune
+    results = pipeline.run_comparison(arms, progress=False)
+    top1 = {(a.arm, a.seed): json.loads((a.path / "eval.json").read_text())["top1"] for a in arms}
+    summary = pipeline.summarize_comparison(results)
+    assert summary["distilled"].values == (top1[("distilled", 0)], top1[("distilled", 1)])
+    margins = [top1[("distilled", s)] - top1[("scratch", s)] for s in (0, 1)]
+    assert summary["margin"].mean == pytest.approx(sum(margins) / 2)
+    assert summary["margin"].std == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
+    mtime = (arms[0].path / "model.pth").stat().st_mtime_ns
+    pipeline.run_comparison(arms, progress=False)  # finished runs are read, not trained again
+    assert (arms[0].path / "model.pth").stat().st_mtime_ns == mtime

@@ -8,10 +8,10 @@ import torch.multiprocessing as mp
 
 from tinymim import engine
 from tinymim.checkpoints import load_teacher, save_model
-from tinymim.config import get_config
 from tinymim.data import TensorBatches
 from tinymim.distill import Distiller
 from tinymim.models import ModelSpec, build_model, model_spec
+from tinymim.presets import get_config
 from tinymim.pretrain import build_student, pretrain, pretrain_sequential
 
 FAST = {"steps": "6", "warmup_steps": "2", "batch_size": "16", "data_limit": "64", "log_every": "1",

@@ -19,9 +19,9 @@ import torch
 
 from tinymim import engine
 from tinymim.checkpoints import load_classifier, save_model
-from tinymim.config import get_config
 from tinymim.finetune import evaluate
 from tinymim.models import ModelSpec, build_model
+from tinymim.presets import get_config
 from tinymim.pretrain import pretrain
 from tinymim.segmentation import evaluate_segmentation, load_segmenter
 

@@ -7,7 +7,8 @@ import pytest
 
 from tinymim import reports
 from tinymim.__main__ import main
-from tinymim.config import get_config
+from tinymim.presets import get_config
+from tinymim.stats import mean_std
 
 
 def _metrics(seed: int = 0, distilled: float = 30.0, scratch: float = 24.0, **overrides) -> dict:
@@ -18,9 +19,8 @@ def _metrics(seed: int = 0, distilled: float = 30.0, scratch: float = 24.0, **ov
                                 "loss_first": 0.8, "loss_last": 0.02, "imgs_per_s": 700.0,
                                 "config": get_config("pretrain", profile="smoke").to_dict()},
         "03_finetune": {"model": "micro_tiny", "seeds": [seed], "labelled_images": 2000, "config": ft,
-                        "distilled_top1_mean": distilled, "distilled_top1_std": 0.0,
-                        "scratch_top1_mean": scratch, "scratch_top1_std": 0.0,
-                        "margin_top1_mean": distilled - scratch, "margin_top1_std": 0.0},
+                        "summary": {arm: mean_std([v]).to_dict() for arm, v in
+                                    (("distilled", distilled), ("scratch", scratch), ("margin", distilled - scratch))}},
     }
 
 
@@ -33,7 +33,7 @@ def test_results_rows_with_missing_stages_say_why():
     rows = reports.run_results(_metrics())
     assert [r["model"] for r in rows] == ["distilled micro_tiny (TinyMIM)", "scratch micro_tiny"]
     assert rows[0]["source"] == "smoke · synthetic · micro_tiny"
-    assert rows[0]["top1"] == (30.0, 0.0, 1) and rows[1]["top1"] == (24.0, 0.0, 1)
+    assert rows[0]["top1"] == mean_std([30.0]) and rows[1]["top1"] == mean_std([24.0])  # one seed: no std
     assert rows[0]["mIoU"] == "04 not run" and rows[0]["imagenet_a"] == "05 not run"
     table = reports.results_table(rows)
     assert table[-2] == ("| **distilled micro_tiny (TinyMIM)** | smoke · synthetic · micro_tiny | 30.0 | — (04 not run) | "
@@ -46,7 +46,7 @@ def test_robustness_on_synthetic_data_fills_mean_error_not_mce():
     m["05_robustness"] = {"summary": [{"model": "distilled", "synthetic_c mean_error": 76.6},
                                       {"model": "scratch", "synthetic_c mean_error": 82.9}]}
     rows = reports.run_results(m)
-    assert rows[0]["mIoU"] == (19.8, None, 1) and rows[0]["c_mean_error"] == (76.6, None, 1)
+    assert rows[0]["mIoU"] == mean_std([19.8]) and rows[0]["c_mean_error"] == mean_std([76.6])
     assert "no AlexNet reference" in rows[0]["imagenet_c_mCE"]
     assert rows[0]["imagenet_a"] == "no such data for synthetic classes"
     assert any("76.6 % against 82.9 %" in f for f in reports.findings(m))
@@ -64,10 +64,12 @@ def test_a_paper_cell_never_shows_a_run_number_and_vice_versa():
 
 def test_findings_are_computed_from_the_numbers():
     text = reports.findings(_metrics(distilled=30.5, scratch=24.0))
-    assert text[0].startswith("The distilled micro_tiny beats the from-scratch one by 6.5 points top-1 (30.5 vs 24.0 %")
+    assert text[0].startswith("The distilled micro_tiny differs from the from-scratch one by +6.5 points top-1 "
+                              "(inconclusive (one seed)) (30.5 vs 24.0 %")  # one seed: the study's rule says so
     assert "+6.5 points" in text[1]
     m = _metrics(distilled=20.0, scratch=24.0)
-    assert "trails the from-scratch one by 4.0 points" in reports.findings(m)[0]
+    m["03_finetune"]["summary"]["margin"] = mean_std([-4.0, -4.2, -3.8]).to_dict()
+    assert "trails the from-scratch one by 4.0 ± 0.2 points" in reports.findings(m)[0]
 
 
 def test_hyperparameter_differences_are_found_and_explained():
@@ -83,7 +85,7 @@ def test_hyperparameter_differences_are_found_and_explained():
     smoke = {r["hyper-parameter"]: r for r in reports.hyperparameter_rows(
         "finetune", get_config("finetune", profile="smoke").to_dict())}
     assert smoke["epochs"]["used"] == "400 steps" and smoke["epochs"]["why"].startswith("smoke profile")
-    assert smoke["rand_augment"]["used"] == "none" and smoke["mixup"]["differs"]
+    assert smoke["rand_augment"]["used"] == "5/0.5" and smoke["mixup"]["differs"]  # the paper's at small strength
     ft = {r["hyper-parameter"]: r for r in reports.hyperparameter_rows(
         "finetune", get_config("finetune", "vit_base", "paper").to_dict())}
     assert ft["rand_augment"]["used"] == "9/0.5" and not ft["rand_augment"]["differs"]

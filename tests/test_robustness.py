@@ -117,8 +117,8 @@ def test_errors_on_tensors_cover_every_pair(tmp_path, monkeypatch):
 
 
 def test_synthetic_robustness_report_end_to_end(tmp_path, monkeypatch):
-    from tinymim.config import get_config
     from tinymim.models import ModelSpec, build_model
+    from tinymim.presets import get_config
     from tinymim.robustness import evaluate_robustness, summary
 
     monkeypatch.setenv("TINYMIM_CACHE", str(tmp_path))

@@ -4,10 +4,10 @@ import torch
 from PIL import Image
 
 from tinymim.checkpoints import save_model
-from tinymim.config import get_config
+from tinymim.data import MemoryImages, Segment
 from tinymim.evaluation import confusion_matrix
 from tinymim.models import ModelSpec, build_model
-from tinymim.data import MemoryImages, Segment
+from tinymim.presets import get_config
 from tinymim.segmentation import (
     ViTUperNet,
     build_segmenter,

@@ -17,10 +17,10 @@ def _results(values: dict[str, list[float]], metric: str = "top1") -> list[dict]
 def test_verdicts_follow_the_two_std_rule_paired_by_seed():
     f = Finding("relation beats scratch", "relation", "scratch")
     holds = verdict(_results({"relation": [30, 31, 32], "scratch": [20, 22, 21]}), f, "top1")
-    assert holds["verdict"] == "holds" and holds["gain"] == pytest.approx(10.0) and holds["n"] == 3
+    assert holds["verdict"] == "holds" and holds["gain"].mean == pytest.approx(10.0) and holds["gain"].n == 3
     # the arms overlap by seed-to-seed spread, but the paired gain is steady: pairing is what counts
     paired = verdict(_results({"relation": [20, 30, 40], "scratch": [19, 29, 39]}), f, "top1")
-    assert paired["verdict"] == "holds" and paired["std"] == pytest.approx(0.0)
+    assert paired["verdict"] == "holds" and paired["gain"].std == pytest.approx(0.0)
     against = verdict(_results({"relation": [20, 21, 22], "scratch": [30, 31, 32]}), f, "top1")
     assert against["verdict"] == "does not hold at this scale"
     noisy = verdict(_results({"relation": [30, 20, 31], "scratch": [21, 29, 22]}), f, "top1")
@@ -29,7 +29,7 @@ def test_verdicts_follow_the_two_std_rule_paired_by_seed():
     assert one["verdict"] == "inconclusive (one seed)"
     # an error metric: lower is better, so the gain is worse - better
     err = verdict(_results({"relation": [10, 11, 12], "scratch": [20, 21, 22]}, "c_error"), f, "c_error")
-    assert err["verdict"] == "holds" and err["gain"] == pytest.approx(10.0)
+    assert err["verdict"] == "holds" and err["gain"].mean == pytest.approx(10.0)
     assert verdict(_results({"relation": [1.0]}), f, "top1")["verdict"] == "not run"
 
 

@@ -1,8 +1,9 @@
 """Command line: `tinymim <command>` or `python -m tinymim <command>` (see README.md).
 
-One small function per subcommand, listed in COMMANDS with its arguments. Training
-commands run unchanged under `torchrun`. Errors that our code recognises (config,
-checkpoint, data, missing input, divergence) print one `error:` line and exit non-zero.
+One small function per subcommand, listed in COMMANDS with its arguments; the training
+commands are the stage registry's (`stages.py`: mae, pretrain, finetune, segmentation --
+`segment` also works) and run unchanged under `torchrun`. Errors that our code recognises
+(config, checkpoint, data, missing input, divergence) print one `error:` line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from .config import PROFILES, STAGES, ConfigError, get_config, parse_overrides
+from .config import CONFIGS, PROFILES, TEACHER_QUANT, ConfigError
+from .presets import get_config
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`["lr=1e-3", "betas=0.9,0.99"]` -> {"lr": "1e-3", "betas": "0.9,0.99"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _profile_and_overrides(p: argparse.ArgumentParser, default_profile: str = "smoke") -> None:
@@ -55,7 +68,7 @@ def _config(args: argparse.Namespace, stage: str):
     if getattr(args, "config", None):
         from pathlib import Path
 
-        from .config import config_from_dict
+        from .presets import config_from_dict
 
         try:
             saved = json.loads(Path(args.config).read_text())
@@ -111,38 +124,26 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"study: {result.run_dir / 'REPORT.md'} (executed notebook: {result.run_dir / 'notebooks'})")
 
 
-def cmd_mae(args: argparse.Namespace) -> None:
+def cmd_stage(args: argparse.Namespace) -> None:
+    """Any registered training stage: its config, then `Stage.run`, then one JSON line of the
+    result. Pre-training also takes the smoke teacher when none is given, and `--chain`."""
+    from . import pipeline, stages
     from .distributed import setup as setup_distributed
-    from .mae import pretrain_mae
+    from .pretrain import pretrain_sequential
 
+    stage = stages.get(args.command)
+    cfg = _config(args, stage.name)
     _check_out(args.out)
-    print(f"teacher: {pretrain_mae(_config(args, 'mae'), args.out, device=setup_distributed(args.device))}")
-
-
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from . import pipeline
-    from .distributed import setup as setup_distributed
-    from .pretrain import pretrain, pretrain_sequential
-
-    cfg = _config(args, "pretrain")
-    _check_out(args.out)
-    device = setup_distributed(args.device)  # a missing device is named before a smoke teacher is trained
-    cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path, device=device, nproc=1))
-    if args.chain:
-        paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
-    else:
-        paths = [pretrain(cfg, args.out, device=device)]
-    print("students: " + ", ".join(map(str, paths)))
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from .distributed import setup as setup_distributed
-    from .finetune import train_classifier
-
-    cfg = _config(args, "finetune")
-    _check_out(args.out)
-    _, metrics = train_classifier(cfg, args.out, device=setup_distributed(args.device))
-    print(json.dumps(metrics, indent=2))
+    device = setup_distributed(args.device)  # a missing device is named before any work
+    if stage.name == "pretrain":
+        cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path, device=device, nproc=1))
+        if args.chain:
+            paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
+            print(json.dumps({"stage": "pretrain", "chain": [str(p) for p in paths]}))
+            return
+    result = stage.run(cfg, args.out, device=device)
+    metrics = {k: v for k, v in result.metrics.items() if k != "per_class_IoU"}
+    print(json.dumps({"stage": stage.name, "path": str(result.path), "metrics": metrics}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -155,16 +156,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     classes = None if args.checkpoint.startswith("timm:") else open_checkpoint(args.checkpoint).meta.get("classes")
     where = SimpleNamespace(data=args.data, input_size=args.input_size, num_workers=args.workers, data_seed=0)
     print(json.dumps(evaluate(model, where, device=device, classes=classes), indent=2))
-
-
-def cmd_segment(args: argparse.Namespace) -> None:
-    from .distributed import setup as setup_distributed
-    from .segmentation import train_segmentation
-
-    cfg = _config(args, "segmentation")
-    _check_out(args.out)
-    _, metrics = train_segmentation(cfg, args.out, device=setup_distributed(args.device))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class_IoU"}, indent=2))
 
 
 def cmd_robustness(args: argparse.Namespace) -> None:
@@ -228,7 +219,7 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="default: what amp=auto picks on this device")
     p.add_argument("--compile", action="store_true", help="torch.compile the default path's forward")
-    p.add_argument("--teacher-quant", choices=["none", "int8", "fp8"], default="none",
+    p.add_argument("--teacher-quant", choices=TEACHER_QUANT, default="none",
                    help="distill: also time the step with a quantised teacher and report its loss deviation")
     _device(p)
 
@@ -254,7 +245,7 @@ def _args_check_data(p: argparse.ArgumentParser) -> None:
 
 
 def _args_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=sorted(STAGES))
+    p.add_argument("stage", choices=sorted(CONFIGS))
     p.add_argument("--model", default=None, help="e.g. vit_tiny, vit_small, vit_base, micro_tiny")
     _profile_and_overrides(p)
 
@@ -307,18 +298,27 @@ def _args_robustness(p: argparse.ArgumentParser) -> None:
     _profile_and_overrides(p, default_profile="paper")
 
 
+def _stage_commands() -> dict[str, tuple[str, Callable, Callable]]:
+    """One command per registered training stage (and one per alias), torchrun-ready."""
+    from . import stages
+
+    out = {}
+    for name in stages.names():
+        stage = stages.get(name)
+        arguments = _args_pretrain if name == "pretrain" else (lambda p: _training(p, "e.g. vit_small (paper) or "
+                                                                                       "micro_tiny (smoke)"))
+        for command in (name, *stage.aliases):
+            out[command] = (f"{stage.help} (torchrun-ready)" + ("" if command == name else f"; = {name}"),
+                            arguments, cmd_stage)
+    return out
+
+
 # name -> (help, arguments, action)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "config": ("print the resolved config of a stage as JSON", _args_config, cmd_config),
     "run": ("execute the notebooks in order into a run directory", _args_run, cmd_run),
-    "mae": ("MAE pre-training of a teacher encoder (torchrun-ready)",
-            lambda p: _training(p, "the encoder, e.g. vit_base (paper) or micro_base (smoke)"), cmd_mae),
-    "pretrain": ("TinyMIM distillation pre-training (torchrun-ready)", _args_pretrain, cmd_pretrain),
-    "finetune": ("ImageNet fine-tuning / TinyMIM*-T distillation fine-tuning (torchrun-ready)",
-                 lambda p: _training(p, "e.g. vit_tiny, vit_small, vit_base, tinymim_star_tiny"), cmd_finetune),
+    **_stage_commands(),
     "evaluate": ("top-1/top-5 of a fine-tuned checkpoint", _args_evaluate, cmd_evaluate),
-    "segment": ("ADE20K UperNet fine-tuning + mIoU (torchrun-ready)",
-                lambda p: _training(p, "the backbone, e.g. vit_small (paper) or micro_tiny (smoke)"), cmd_segment),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
     "bench": ("images/s, FLOPs and %% of the measured matmul peak of a step, against the released formulation",
               _args_bench, cmd_bench),

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from . import stages
 from .attention import relation_logits
 from .devices import autocast_dtype, peak_memory, reset_peak_memory, resolve_device, sync
 from .distill import Distiller, default_teacher_block, kl_from_logits, quantize_teacher
-from .models import ModelSpec, build_model, choose_attention_kernel, set_fused_attention
+from .models import ModelSpec, build_model, choose_attention_kernel, count_flops, set_fused_attention
 from .pretrain import build_student
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,22 +53,6 @@ def matmul_peak(dtype: torch.dtype | None, device: torch.device, reps: int = 5, 
             break
         n *= 2
     return 2 * n**3 / min(once(a, b) for _ in range(reps))
-
-
-def count_flops(fn: Callable[[], Any], models: list[nn.Module]) -> int:
-    """FLOPs of one call of `fn`, counted by torch with explicit attention (the same
-    arithmetic whichever kernel runs it, and every matmul visible to the counter)."""
-    saved = [[blk.attn.fused_attn for blk in m.blocks] for m in models]
-    for m in models:
-        set_fused_attention(m, False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for m, flags in zip(models, saved):
-            for blk, flag in zip(m.blocks, flags):
-                blk.attn.fused_attn = flag
-    return counter.get_total_flops()
 
 
 def reference_loss(student: nn.Module, teacher: nn.Module, block: int, sv: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
@@ -228,19 +212,18 @@ def bench_finetune(model: str = "vit_small", batch: int = 8, steps: int = 5, pre
                    device: str | None = "auto") -> dict[str, Any]:
     """The fine-tuning step of the paper recipe (Mixup/CutMix, label smoothing, layer decay
     groups do not change the arithmetic) on random 224 px images."""
-    from .config import get_config
-    from .finetune import Classifier, build_classifier, recipe
+    from .presets import get_config
 
     dev = resolve_device(device)
     dtype = PRECISIONS[precision] if precision else autocast_dtype("auto", dev)
     cfg = get_config("finetune", model, "paper" if model.startswith(("vit_", "tinymim_")) else "smoke")
     torch.manual_seed(0)
-    net = build_classifier(cfg).to(dev)
+    task, net, _ = stages.get("finetune").build_task(cfg)
+    net.to(dev)
     kernel = choose_attention_kernel([net], dev, dtype, batch)
-    task = Classifier(net, cfg)
     crops = {"image": torch.randint(0, 256, (batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8),
              "label": torch.randint(0, cfg.num_classes, (batch,))}
-    augment = recipe(cfg)  # the device half: normalisation, erasing, Mixup/CutMix, each step
+    augment = stages.get("finetune").recipe(cfg, dev)  # the device half: normalisation, erasing, Mixup/CutMix
 
     def loss() -> torch.Tensor:
         return task(*augment.device(crops, dev))[0]
@@ -256,14 +239,13 @@ def bench_finetune(model: str = "vit_small", batch: int = 8, steps: int = 5, pre
 
 def bench_eval(model: str = "vit_small", batch: int = 64, steps: int = 5, device: str | None = "auto") -> dict[str, Any]:
     """The evaluation / robustness inference path (`evaluation.predict`, its autocast)."""
-    from .config import get_config
     from .evaluation import predict
-    from .finetune import build_classifier
+    from .presets import get_config
 
     dev = resolve_device(device)
     cfg = get_config("finetune", model, "paper" if model.startswith(("vit_", "tinymim_")) else "smoke")
     torch.manual_seed(0)
-    net = build_classifier(cfg).eval()
+    net = stages.get("finetune").build_task(cfg)[1].eval()
     images = torch.randint(0, 256, (batch, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8)
     with torch.no_grad():
         flops = count_flops(lambda: predict(net, images, "cpu", batch_size=batch), [net]) / batch
@@ -395,9 +377,7 @@ def bench_data(images: int = 96, batch: int = 32, device: str | torch.device | N
     a GPU; the device half is timed separately, on `device`."""
     import tempfile
 
-    from .config import get_config
-    from .finetune import recipe as finetune_recipe
-    from .pretrain import views
+    from .presets import get_config
 
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -405,13 +385,15 @@ def bench_data(images: int = 96, batch: int = 32, device: str | torch.device | N
         kb = imagenet_like_jpegs(root, images)
         pre = get_config("pretrain", "vit_small", "paper", {"input_size": input_size})
         ft = get_config("finetune", "vit_small", "paper", {"input_size": input_size})
+        views = stages.get("pretrain").recipe
+        finetune_recipe = stages.get("finetune").recipe
         pre_modes = {m: views(replace(pre, augment=m), torch.device("cpu")) for m in ("host", "device")}
         pre_modes["device+decode"] = replace(pre_modes["device"], device_decode=True)
         pipelines = {
             "pretrain": _pipeline_rows(views(replace(pre, augment="reference"), dev)._reference,
                                        pre_modes, root, images, batch, dev),
             "finetune": _pipeline_rows(finetune_recipe(replace(ft, augment="reference"))._part("reference"),
-                                       {"host": finetune_recipe(ft)}, root, images, batch, dev),
+                                       {"host": finetune_recipe(ft, dev)}, root, images, batch, dev),
         }
     return {"bench": "data", "images": images, "jpeg_kb": round(kb, 1), "image_size": "500x375",
             "input_size": input_size, "device": str(dev), "pipelines": pipelines,

@@ -25,8 +25,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .config import ARCHS
-from .models import ModelSpec, build_model, model_spec
+from .models import ARCHS, ModelSpec, build_model, model_spec
 
 CHECKPOINT_FORMAT = "tinymim/1"
 # keys of an MAE `_full` checkpoint (decoder, mask token) that an encoder does not need

@@ -11,6 +11,7 @@ paper schedule on this host (linear scaling over its devices assumed, and said).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 
-from . import engine
-from .config import BaseConfig, get_config
-from .data import MemoryImages, Segment, Views
+from . import engine, stages
+from .config import BaseConfig
+from .data import MemoryImages
 from .data import batches as data_batches
 from .devices import (
     PREFETCH,
@@ -39,14 +40,8 @@ from .devices import (
     resolve_device,
     sync,
 )
-from .distill import Distiller, default_teacher_block
 from .evaluation import predict
-from .finetune import Classifier, build_classifier
-from .finetune import recipe as finetune_recipe
-from .mae import MAE
-from .models import ModelSpec, build_model
-from .pretrain import build_student
-from .segmentation import SegmentationTask, build_segmenter
+from .presets import get_config
 
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_C = 1_281_167, 50_000, 50_000 * 15 * 5
 # (stage, model, teacher) trained for a few steps; smoke sizes for a quick look at the same paths
@@ -60,23 +55,6 @@ TRAINING = {
 EVALUATION = {"paper": ["vit_tiny", "vit_small", "vit_base"], "smoke": ["micro_tiny"]}
 
 
-def _task(stage: str, cfg: BaseConfig) -> tuple[torch.nn.Module, torch.nn.Module | None, float | None]:
-    """(task, module the optimiser groups, layer decay) -- as the stage builds them, with
-    random weights (throughput does not depend on them)."""
-    if stage == "mae":
-        return MAE(build_model(ModelSpec.create(cfg.model, img_size=cfg.input_size), fixed_pos_embed=True), cfg), None, None
-    if stage == "pretrain":
-        teacher = build_model(ModelSpec.create(cfg.teacher, img_size=cfg.input_size))
-        block = cfg.teacher_block or default_teacher_block(teacher)
-        student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
-        return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, relations=cfg.relations), None, None
-    if stage == "finetune":
-        model = build_classifier(cfg)
-        return Classifier(model, cfg), model, cfg.layer_decay
-    model = build_segmenter(cfg)
-    return SegmentationTask(model, cfg), model, cfg.layer_decay
-
-
 def _batches(stage: str, cfg: BaseConfig, n: int, device: torch.device):
     """The stage's own augmentation over `n` random uint8 images (+ labels / masks) held in
     memory: the host half runs once here, the device half in every timed step, as in a run."""
@@ -85,22 +63,15 @@ def _batches(stage: str, cfg: BaseConfig, n: int, device: torch.device):
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, getattr(cfg, "num_classes", 1), (n,), generator=g)
     masks = torch.randint(0, getattr(cfg, "num_classes", 1), (n, size, size), generator=g)
-    source = MemoryImages(images, labels, masks)
-    if stage in ("mae", "pretrain"):
-        recipe = Views(cfg.input_size, tuple(cfg.crop_scale), getattr(cfg, "color_jitter", None) if stage == "pretrain"
-                       else None, cfg.augment, device_decode=device.type == "cuda")
-    elif stage == "finetune":
-        recipe = finetune_recipe(cfg)
-    else:
-        recipe = Segment(cfg.input_size, (4 * cfg.input_size, cfg.input_size))
-    return data_batches(_with(cfg, num_workers=0), source, recipe)
+    recipe = stages.get(stage).recipe(cfg, device)
+    return data_batches(dataclasses.replace(cfg, num_workers=0), MemoryImages(images, labels, masks), recipe)
 
 
 def _time_steps(stage: str, cfg: BaseConfig, micro: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Build the stage's task and optimiser at micro-batch `micro`, take one warm-up step,
     then `steps` timed ones: images/s (median of the steps) and peak memory of the steps."""
-    cfg = _with(cfg, batch_size=micro, micro_batch_size=None, steps=steps + 1, warmup_steps=0, warmup_epochs=0)
-    task, optimize, decay = _task(stage, cfg)
+    cfg = dataclasses.replace(cfg, batch_size=micro, micro_batch_size=None, steps=steps + 1, warmup_steps=0, warmup_epochs=0)
+    task, optimize, decay = stages.get(stage).build_task(cfg)  # random weights: throughput does not depend on them
     batches = _batches(stage, cfg, micro, device)
     with tempfile.TemporaryDirectory() as tmp:
         run = engine.start_run(task, batches, cfg, Path(tmp), device, optimize, decay)
@@ -117,12 +88,6 @@ def _time_steps(stage: str, cfg: BaseConfig, micro: int, steps: int, device: tor
             if i:
                 times.append(time.perf_counter() - t0)
     return {"images_per_s": micro / statistics.median(times), "peak_mem_gib": peak_memory(device)}
-
-
-def _with(cfg: BaseConfig, **values: Any) -> BaseConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **values)
 
 
 def _largest_fit(stage: str, cfg: BaseConfig, cap: int, device: torch.device) -> int:
@@ -178,7 +143,7 @@ def check_training(stage: str, model: str, teacher: str | None, profile: str, st
 
 def check_evaluation(model: str, profile: str, device: torch.device, devices: int, batch: int | None) -> dict[str, Any]:
     cfg = get_config("finetune", model, profile)
-    classifier = build_classifier(cfg)
+    _, classifier, _ = stages.get("finetune").build_task(cfg)
     n = batch or (256 if device.type == "cuda" else 16)
     images = torch.randint(0, 256, (n, 3, cfg.input_size, cfg.input_size), dtype=torch.uint8)
     predict(classifier, images[: min(n, 8)], device, batch_size=n)  # warm-up

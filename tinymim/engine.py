@@ -313,16 +313,26 @@ def train_step(run: Run, step: Sequence[Any]) -> dict[str, torch.Tensor]:
     return parts_sum
 
 
+def progress_line(step: int, total: int, loss: float | None) -> str:
+    """What a stage launched as a child (torchrun, SLURM) reports on rank 0 instead of a tqdm
+    bar when TINYMIM_PROGRESS=json: one JSON line per log step, read by `launch.Progress`."""
+    return json.dumps({"tinymim": "progress", "step": step, "total": total, "loss": loss})
+
+
 class _Logger:
-    """Windowed means of the loss parts -> metrics.jsonl (+ TensorBoard) and the bar."""
+    """Windowed means of the loss parts -> metrics.jsonl (+ TensorBoard) and the bar (or, for
+    a launched child, JSON progress lines)."""
 
     def __init__(self, run: Run, run_dir: Path, progress: bool):
         rank, _ = distributed.world()
         self.run = run
         self.file = _open_log(run_dir, run.step) if rank == 0 else None
         self.writer = _tensorboard(run_dir) if rank == 0 else None
-        self.bar = tqdm(total=run.plan.steps, initial=run.step, disable=not progress or rank != 0, desc=run_dir.name,
-                        leave=False, mininterval=2.0)  # readable in log files too
+        self.json = rank == 0 and os.environ.get("TINYMIM_PROGRESS") == "json"
+        self.bar = tqdm(total=run.plan.steps, initial=run.step, disable=not progress or rank != 0 or self.json,
+                        desc=run_dir.name, leave=False, mininterval=2.0)  # readable in log files too
+        if self.json:
+            print(progress_line(run.step, run.plan.steps, None), flush=True)
         self.sums: dict[str, torch.Tensor] = {}
         self.bad = torch.zeros((), dtype=torch.bool, device=run.device)
         self.start, self.steps = time.perf_counter(), 0
@@ -368,6 +378,8 @@ class _Logger:
                 if k != "step":
                     self.writer.add_scalar(k, v, run.step)
         self.bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if self.json:
+            print(progress_line(run.step, run.plan.steps, last["loss"]), flush=True)
         self.last, self.sums, self.start, self.steps = last, {}, time.perf_counter(), 0
 
     def close(self) -> None:

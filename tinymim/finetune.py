@@ -108,7 +108,14 @@ def build_classifier(cfg: FinetuneConfig) -> nn.Module:
     return model
 
 
-def recipe(cfg: FinetuneConfig) -> Classify:
+def build_task(cfg: FinetuneConfig, teacher: nn.Module | None = None) -> tuple[Classifier, nn.Module, float]:
+    """(the fine-tuning task, the model whose parameters the optimiser groups, its layer decay);
+    `teacher`: TinyMIM*-T's hard-label classifier."""
+    model = build_classifier(cfg)
+    return Classifier(model, cfg, teacher), model, cfg.layer_decay
+
+
+def recipe(cfg: FinetuneConfig, device: torch.device | None = None) -> Classify:
     """MAE's fine-tuning augmentation (Table 2: RandAugment, random erasing, Mixup/CutMix with
     label smoothing) in `cfg.augment` mode."""
     return Classify(cfg.input_size, tuple(cfg.crop_scale), cfg.rand_augment, cfg.reprob, cfg.mixup, cfg.cutmix,
@@ -154,12 +161,12 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
     if cfg.dist_token:
         teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
-    model = build_classifier(cfg)
+    task, model, layer_decay = build_task(cfg, teacher)
     rank, world_size = distributed.world()
     train_batches = classification_batches(cfg, rank, world_size, classes)
     start = time.perf_counter()
-    result = engine.train(Classifier(model, cfg, teacher), train_batches, cfg, run_dir, device=device, progress=progress,
-                          optimize=model, layer_decay=cfg.layer_decay)
+    result = engine.train(task, train_batches, cfg, run_dir, device=device, progress=progress, optimize=model,
+                          layer_decay=layer_decay)
     if cfg.dist_token:
         model.set_distilled_training(False)
     metrics = {"train_seconds": round(time.perf_counter() - start, 1), "steps": result.get("step"),

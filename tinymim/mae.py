@@ -123,22 +123,33 @@ class MAE(nn.Module):
         return unpatch(pred), mask_img
 
 
+def recipe(cfg: MAEConfig, device: torch.device) -> Views:
+    """MAE's augmentation (main_pretrain.py: RandomResizedCrop, flip) in `cfg.augment` mode;
+    JPEGs are decoded on the device when it is a GPU and the mode is `device`."""
+    return Views(cfg.input_size, tuple(cfg.crop_scale), None, cfg.augment, device_decode=device.type == "cuda")
+
+
+def build_task(cfg: MAEConfig) -> tuple[MAE, None, None]:
+    """The MAE of `cfg`: a fresh encoder (fixed sin-cos position embedding) and its decoder."""
+    encoder = build_model(ModelSpec.create(cfg.model, img_size=cfg.input_size), drop_path=cfg.drop_path,
+                          fixed_pos_embed=True)
+    return MAE(encoder, cfg), None, None
+
+
 def pretrain_mae(cfg: MAEConfig, run_dir: str | os.PathLike, progress: bool = True,
                  device: str | torch.device | None = "auto") -> Path:
     """Train an MAE per `cfg` in `run_dir`; returns the encoder checkpoint (teacher.pth)."""
     run_dir = Path(run_dir)
-    spec = ModelSpec.create(cfg.model, img_size=cfg.input_size)
     engine.seed_everything(cfg.seed)  # init is a function of the config seed
-    encoder = build_model(spec, drop_path=cfg.drop_path, fixed_pos_embed=True)
-    task = MAE(encoder, cfg)
+    task, _, _ = build_task(cfg)
+    encoder = task.encoder
     rank, world_size = distributed.world()
     dev = resolve_device(device)
-    recipe = Views(cfg.input_size, tuple(cfg.crop_scale), None, cfg.augment, device_decode=dev.type == "cuda")
-    engine.train(task, batches(cfg, train_source(cfg, "pool"), recipe, rank, world_size), cfg, run_dir, device=device,
-                 progress=progress)
+    engine.train(task, batches(cfg, train_source(cfg, "pool"), recipe(cfg, dev), rank, world_size), cfg, run_dir,
+                 device=device, progress=progress)
     out = run_dir / "teacher.pth"
     if rank == 0:
-        save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "tinymim.mae"})
+        save_model(encoder, out, extra={"config": cfg.to_dict(), "source": "MAE pre-training (this kit)"})
         atomic_save(task.state_dict(), run_dir / "mae_full.pth")  # MAE's `_full` layout: encoder + decoder
     distributed.barrier(dev)  # e.g. the distillation that follows in the same torchrun job loads it
     return out

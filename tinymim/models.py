@@ -21,7 +21,28 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .config import ARCHS, Arch
+from .config import ARCH_SHAPES
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a plain ViT (supplementary Table 1 for T/S/B). Give one directly to
+    `ModelSpec.create` to build a ViT of any size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    img_size: int = 224
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+# the named shapes: resources/archs.json (sources there)
+ARCHS: dict[str, Arch] = {name: Arch(**shape) for name, shape in ARCH_SHAPES.items()}
 
 
 def get_arch(name: str) -> Arch:
@@ -324,29 +345,34 @@ def model_spec(model: nn.Module) -> ModelSpec:
 # model summary
 
 
-def count_flops(model: nn.Module, img_size: int) -> float:
-    """Multiply-accumulates of one forward pass at `img_size` (what papers call FLOPs).
-
-    torch's counter does not see inside the CPU flash-attention kernel, so attention is
-    counted on timm's explicit (unfused) path, then the model is put back as it was.
-    """
+def count_flops(fn: Any, models: list[nn.Module]) -> int:
+    """FLOPs of one call of `fn` (a forward, or forward + backward), counted by torch with
+    every ViT of `models` on timm's explicit attention (the same arithmetic whichever kernel
+    runs it; torch's counter does not see inside the fused CPU kernel), then put back."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, 3, img_size, img_size)
-    was_training = model.training
-    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    attns = [m for model in models for m in model.modules() if hasattr(m, "fused_attn")]
     fused = [m.fused_attn for m in attns]
-    model.eval()
     try:
         for m in attns:
             m.fused_attn = False
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
+        with FlopCounterMode(display=False) as counter:
+            fn()
     finally:
         for m, f in zip(attns, fused):
             m.fused_attn = f
-        model.train(was_training)
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops()
+
+
+def _forward_macs(model: nn.Module, img_size: int) -> float:
+    """Multiply-accumulates of one eval-mode forward at `img_size` (what papers call FLOPs)."""
+    x = torch.zeros(1, 3, img_size, img_size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        flops = count_flops(lambda: model(x), [model])
+    model.train(was_training)
+    return flops / 2
 
 
 def summary_row(name: str, spec: ModelSpec) -> dict[str, Any]:
@@ -366,7 +392,7 @@ def summary_row(name: str, spec: ModelSpec) -> dict[str, Any]:
         "input": spec.img_size,
         "params_M": round(total / 1e6, 2),
         "params_no_classifier_M": round((total - cls_params) / 1e6, 2),
-        "GFLOPs": round(count_flops(model, spec.img_size) / 1e9, 3),
+        "GFLOPs": round(_forward_macs(model, spec.img_size) / 1e9, 3),
     }
 
 

@@ -4,8 +4,8 @@ come from.
 Stages (`mae`, `pretrain`, `finetune`, `segmentation`, `robustness`) train or evaluate
 from explicit inputs into a directory they are given. This module is the only one
 that knows the notebooks' folders inside a run directory, and what to do when an input
-is missing: in `smoke`, make it now (and cache what is reusable); in `paper`, demand it
-with an error that says which parameter to set. Notebooks, the CLI, the runner, and
+is missing: on the built-in data (`smoke`, `tiny`), make it now (and cache what is
+reusable); in `paper`, demand it with an error that says which parameter to set. Notebooks, the CLI, the runner, and
 later the report and the explorer read run directories through here.
 """
 
@@ -15,19 +15,21 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoints import load_teacher, open_checkpoint
-from .config import FinetuneConfig, cache_dir, get_config
+from .checkpoints import load_teacher
+from .config import FinetuneConfig, cache_dir
 from .data import synthetic
 from .evaluation import features, linear_probe
 from .launch import train_stage
 from .models import ModelSpec, build_model, model_spec
+from .presets import get_config
+from .stages import StageResult
+from .stats import Summary, mean_std, paired_gain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,13 +119,13 @@ def config_key(cfg_dict: dict[str, Any]) -> str:
 
 
 def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None = None,
-                  progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
-    """The smoke profile's MAE micro teacher: trained once, cached under a key of its
+                  progress: bool = True, device: str | None = "auto", nproc: int | None = None,
+                  profile: str = "smoke") -> Path:
+    """The built-in profiles' MAE micro teacher: trained once, cached under a key of its
     resolved config (any changed MAE setting makes a new one), copied into `dest`."""
-    cfg = get_config("mae", profile="smoke", overrides=overrides)
+    cfg = get_config("mae", profile=profile, overrides=overrides)
     cache = cache_dir("teachers", config_key(cfg.to_dict()))
-    if not (cache / "teacher.pth").exists():
-        train_stage("mae", cfg, cache, device, nproc, progress)
+    train_stage("mae", cfg, cache, device, nproc, progress, log=lambda line: None)  # read when it is there
     if dest is None:
         return cache / "teacher.pth"
     dest = Path(dest)
@@ -136,14 +138,14 @@ def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None 
 def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: str | os.PathLike | None = None,
                    overrides: dict | None = None, progress: bool = True, device: str | None = "auto",
                    nproc: int | None = None) -> Path:
-    """Notebook 01's teacher: the given `path` (checked now by loading it), or in smoke
-    the cached MAE micro teacher copied into the run directory."""
+    """Notebook 01's teacher: the given `path` (checked now by loading it), or on the built-in
+    data the cached MAE micro teacher copied into the run directory."""
     if path is None:
-        if profile != "smoke":
+        if profile == "paper":
             raise MissingInput("teacher_path is required in the paper profile: an official MAE checkpoint "
                                "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B) ("
                                "tinymim run: --param teacher_path=FILE; papermill: -p teacher_path FILE)")
-        return smoke_teacher(run.models, overrides, progress, device, nproc)
+        return smoke_teacher(run.models, overrides, progress, device, nproc, profile)
     load_teacher(name, path)  # validate now, before any expensive work downstream
     return Path(path)
 
@@ -151,118 +153,98 @@ def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: 
 def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLike | None = None,
                      progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
     """The teacher a distillation run uses: the one given, else notebook 01's in the run
-    directory (when there is one), else in smoke the cached MAE micro teacher."""
+    directory (when there is one), else on the built-in data the cached MAE micro teacher."""
     if path:
         return Path(path)
     if run is not None and run.teacher.exists():
         return run.teacher
-    if profile != "smoke":
+    if profile == "paper":
         where = f" or run notebook 01 into {run.root} first" if run is not None else ""
         raise MissingInput(f"no teacher: pass teacher_path (tinymim run: --param teacher_path=FILE; papermill: "
                            f"-p teacher_path FILE; tinymim pretrain: --set teacher_path=FILE){where}")
-    return smoke_teacher(progress=progress, device=device, nproc=nproc)
+    return smoke_teacher(progress=progress, device=device, nproc=nproc, profile=profile)
 
 
 def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None = None,
                    progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
     """A notebook's distilled student: the one given, else notebook 02's in the run
-    directory, else -- in smoke -- distilled now with the default smoke config."""
+    directory, else -- on the built-in data -- distilled now with the profile's config."""
     if path:
         return Path(path)
     if run.student.exists():
         return run.student
-    if profile != "smoke":
+    if profile == "paper":
         raise MissingInput(f"no distilled student: pass `pretrained` (tinymim run: --param pretrained=FILE; "
                            f"papermill: -p pretrained FILE) or run notebook 02 into {run.root} first")
     teacher = teacher_path_for(run, profile, progress=progress, device=device, nproc=nproc)
-    cfg = get_config("pretrain", profile="smoke", overrides={"teacher_path": str(teacher)})
-    return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress)
+    cfg = get_config("pretrain", profile=profile, overrides={"teacher_path": str(teacher)})
+    return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress).path
 
 
 # ---------------------------------------------------------------------------------
-# notebook 03's comparison: distilled vs scratch, over seeds
+# notebook 03's comparison: distilled vs scratch, over seeds -- the study's rows (c) vs (a)
 
 
-def comparison_configs(profile: str, student: str | os.PathLike | None, model: str | None = None,
-                       overrides: dict | None = None, seeds: tuple[int, ...] = (0,)) -> dict[str, FinetuneConfig]:
-    """The fair pair, per seed: the distilled student fine-tuned (`distilled-s<seed>`), and
-    the same model from scratch (`scratch-s<seed>`) under the same recipe and budget, but
-    without layer decay (there is no pre-trained hierarchy to preserve)."""
+@dataclass(frozen=True, eq=False)
+class ArmRun:
+    """One fine-tuning run of the comparison: which arm, which seed, its config and folder."""
+
+    arm: str  # "distilled" | "scratch"
+    seed: int
+    cfg: FinetuneConfig
+    path: Path
+
+
+def comparison(run: RunLayout, profile: str, student: str | os.PathLike | None, model: str | None = None,
+               overrides: dict | None = None, seeds: tuple[int, ...] = (0,)) -> list[ArmRun]:
+    """The fair pair, per seed: the distilled student fine-tuned, and the same model from
+    scratch under the same recipe and budget, but without layer decay (there is no
+    pre-trained hierarchy to preserve). Scratch runs live in the run's shared baselines
+    folder, named by their config, so notebooks 01, 03 and 05 share one when their configs
+    agree; distilled ones under notebook 03's."""
     overrides = dict(overrides or {})
-    out: dict[str, FinetuneConfig] = {}
+    out = []
     for seed in seeds:
-        out[f"scratch-s{seed}"] = get_config("finetune", model, profile, overrides | {
-            "pretrained": None, "layer_decay": 1.0, "seed": seed})
+        cfg = get_config("finetune", model, profile, overrides | {"pretrained": None, "layer_decay": 1.0, "seed": seed})
+        out.append(ArmRun("scratch", seed, cfg, run.baselines / f"{cfg.model}-scratch-{config_key(cfg.to_dict())}"))
         if student is not None:
-            out[f"distilled-s{seed}"] = get_config("finetune", model, profile, {"pretrained": str(student)}
-                                                   | overrides | {"seed": seed})
+            cfg = get_config("finetune", model, profile, {"pretrained": str(student)} | overrides | {"seed": seed})
+            out.append(ArmRun("distilled", seed, cfg, run.finetune / f"distilled-s{seed}"))
     return out
 
 
-def scratch_dir(run: RunLayout, cfg: FinetuneConfig) -> Path:
-    """Where a run directory keeps a from-scratch baseline, named by its config: notebooks
-    01, 03 and 05 share one when their configs agree (the engine then just resumes a
-    finished run) and never mix up two that differ."""
-    return run.baselines / f"{cfg.model}-scratch-{config_key(cfg.to_dict())}"
+def run_comparison(runs: list[ArmRun], progress: bool = True, device: str | None = "auto",
+                   nproc: int | None = None) -> dict[ArmRun, StageResult]:
+    """Every run of `comparison` trained (or read, when finished with its config)."""
+    return {r: train_stage("finetune", r.cfg, r.path, device, nproc, progress, log=lambda line: None) for r in runs}
 
 
-def _finished(path: Path, cfg: FinetuneConfig) -> bool:
-    model = path / "model.pth"
-    return (path / "eval.json").exists() and model.exists() and open_checkpoint(model).meta.get("config") == cfg.to_dict()
-
-
-def run_comparison(run: RunLayout, configs: dict[str, FinetuneConfig], progress: bool = True,
-                   device: str | None = "auto", nproc: int | None = None) -> dict[str, Path]:
-    """Train every config of `comparison_configs` that is not finished yet; returns each
-    run's directory (model.pth, eval.json, metrics.jsonl). Scratch runs live in the
-    shared baselines folder, distilled ones under notebook 03's."""
-    dirs = {name: scratch_dir(run, cfg) if name.startswith("scratch") else run.finetune / name
-            for name, cfg in configs.items()}
-    for name, path in dirs.items():
-        if not _finished(path, configs[name]):
-            train_stage("finetune", configs[name], path, device, nproc, progress)  # resumes; refuses another config
-    return dirs
-
-
-def read_eval(path: Path) -> dict[str, Any]:
-    return json.loads((path / "eval.json").read_text())
-
-
-def summarize_comparison(dirs: dict[str, Path], key: str = "top1") -> dict[str, Any]:
-    """Mean ± std of `key` per arm over seeds, and the paired margin distilled - scratch
-    (mean ± std over seeds; std is the sample standard deviation, 0 for one seed)."""
-    arms: dict[str, dict[str, float]] = {}
-    for name, path in dirs.items():
-        arm, _, seed = name.rpartition("-s")
-        arms.setdefault(arm, {})[seed] = read_eval(path)[key]
-
-    def stats(values: list[float]) -> dict[str, Any]:
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values), "values": values}
-
-    out: dict[str, Any] = {arm: stats(list(v.values())) for arm, v in arms.items()}
-    if "distilled" in arms and "scratch" in arms:
-        common = sorted(set(arms["distilled"]) & set(arms["scratch"]), key=int)
-        out["margin"] = stats([arms["distilled"][s] - arms["scratch"][s] for s in common])
+def summarize_comparison(results: dict[ArmRun, StageResult], key: str = "top1") -> dict[str, Summary]:
+    """Mean ± std of `key` per arm over seeds, and `margin`: the seed-paired gain distilled -
+    scratch (`stats`: the study's rule)."""
+    by_arm: dict[str, dict[int, float]] = {}
+    for r, result in results.items():
+        by_arm.setdefault(r.arm, {})[r.seed] = result.metrics[key]
+    out = {arm: mean_std(values.values()) for arm, values in by_arm.items()}
+    if {"distilled", "scratch"} <= set(by_arm):
+        out["margin"] = paired_gain(by_arm["distilled"], by_arm["scratch"])
     return out
 
 
 def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, device: str | None = "auto",
                        nproc: int | None = None) -> dict[str, Path]:
-    """Notebook 03's fine-tuned models (seed 0 of each arm) for notebooks 04-05: made
-    now in smoke if missing; in paper an error naming the parameter to pass."""
-    if profile != "smoke":
-        cfgs = comparison_configs(profile, run.student)
-        dirs = {name: scratch_dir(run, c) if name.startswith("scratch") else run.finetune / name
-                for name, c in cfgs.items()}
-        missing = [str(p / "model.pth") for p in dirs.values() if not (p / "model.pth").exists()]
+    """Notebook 03's fine-tuned models (seed 0 of each arm) for notebooks 04-05, by arm: made
+    now on the built-in data if missing; in paper an error naming the parameter to pass."""
+    if profile == "paper":
+        runs = comparison(run, profile, run.student)
+        missing = [str(r.path / "model.pth") for r in runs if not (r.path / "model.pth").exists()]
         if missing:
             raise MissingInput(f"no fine-tuned models at {missing}: run notebook 03 first, or pass "
                                f"checkpoints (tinymim run: --param 'checkpoints={{\"name\": \"FILE\"}}')")
     else:
         student = obtain_student(run, profile, progress=progress, device=device, nproc=nproc)
-        dirs = run_comparison(run, comparison_configs(profile, student), progress, device, nproc)
-    return {name.rpartition("-s")[0]: path / "model.pth" for name, path in dirs.items()}
+        runs = list(run_comparison(comparison(run, profile, student), progress, device, nproc))
+    return {r.arm: r.path / "model.pth" for r in runs}
 
 
 # ---------------------------------------------------------------------------------
@@ -278,17 +260,18 @@ def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -
 
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,
-                       progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> dict[str, Any]:
-    """The smoke profile's two sanity checks on the synthetic data.
+                       progress: bool = True, device: str | None = "auto", nproc: int | None = None,
+                       profile: str = "smoke") -> dict[str, Any]:
+    """The built-in data's two sanity checks.
 
     (a) a micro ViT trained from scratch on the labelled split must beat chance by far
     (it is seed 0 of notebook 03's scratch baseline, shared through baselines/);
     (b) the MAE teacher's linear probe must beat the linear probe of a randomly
     initialised ViT of the same size -- i.e. pre-training on the pool learned something.
     """
-    configs = comparison_configs("smoke", None, overrides=overrides)
-    cfg = configs["scratch-s0"]
-    scratch = read_eval(run_comparison(run, {"scratch-s0": cfg}, progress, device, nproc)["scratch-s0"])
+    (scratch_run,) = comparison(run, profile, None, overrides=overrides)
+    cfg = scratch_run.cfg
+    scratch = run_comparison([scratch_run], progress, device, nproc)[scratch_run].metrics
     spec = model_spec(teacher)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -15,13 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from . import distributed, engine
 from .checkpoints import atomic_write_json, load_teacher, save_model
 from .config import PretrainConfig
 from .data import Views, batches, train_source
 from .devices import resolve_device
-from .distill import Distiller, check_pairing, default_teacher_block, quantize_teacher
+from .distill import Distiller, default_teacher_block, quantize_teacher
 from .models import ModelSpec, build_model, model_spec
 
 
@@ -40,12 +41,22 @@ def build_student(cfg: PretrainConfig, teacher_heads: int):
     return student
 
 
+def build_task(cfg: PretrainConfig, teacher: VisionTransformer | None = None) -> tuple[Distiller, None, None]:
+    """The distillation task of `cfg`: the student (docs/method.md's init and head alignment)
+    against `teacher` -- or, for timing runs, a randomly initialised one of `cfg.teacher`."""
+    if teacher is None:
+        teacher = build_model(ModelSpec.create(cfg.teacher, img_size=cfg.input_size))
+    block = cfg.teacher_block or default_teacher_block(teacher)
+    student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
+    return Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, relations=cfg.relations), None, None
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = True,
              stop_after: int | None = None, device: str | torch.device | None = "auto") -> Path:
     """Distil `cfg.model` from the teacher; returns the student checkpoint path.
 
-    Everything that can be wrong with the pairing (teacher block, head alignment, token
-    counts) is checked before the first step.
+    Everything that can be wrong with the pairing (head alignment, token counts) is
+    checked before the first step (`distill.check_pairing`); the config checked the rest.
     """
     run_dir = Path(run_dir)
     if not cfg.teacher_path:
@@ -57,20 +68,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     if arch != cfg.teacher:
         raise ValueError(f"{teacher_path} holds a {arch}, but the config says teacher={cfg.teacher!r}; "
                          f"set teacher={arch} (e.g. --set teacher={arch})")
-    block = cfg.teacher_block or default_teacher_block(teacher)
-    if not 1 <= block <= len(teacher.blocks):
-        raise ValueError(f"teacher_block {block} is out of range: the teacher has blocks 1..{len(teacher.blocks)}")
     engine.seed_everything(cfg.seed)  # the student's init is a function of the config seed
-    student = build_student(cfg, teacher.blocks[block - 1].attn.num_heads)
-    check_pairing(student, teacher, block, cfg.target)
-    teacher = quantize_teacher(teacher, cfg.teacher_quant, resolve_device(device))  # opt-in; "none" = as loaded
-    task = Distiller(student, teacher, block, cfg.target, cfg.mask_ratio, relations=cfg.relations)
+    task, _, _ = build_task(cfg, quantize_teacher(teacher, cfg.teacher_quant, resolve_device(device)))
+    student, block = task.student, task.teacher_block
     rank, world_size = distributed.world()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         resolved = {"teacher_resolved": str(teacher_path), "teacher_block_resolved": block}
         atomic_write_json(cfg.to_dict() | resolved, run_dir / "config.json")
-    result = engine.train(task, batches(cfg, train_source(cfg, "pool"), views(cfg, resolve_device(device)), rank,
+    result = engine.train(task, batches(cfg, train_source(cfg, "pool"), recipe(cfg, resolve_device(device)), rank,
                                         world_size), cfg, run_dir, device=device, progress=progress,
                           stop_after=stop_after)
     out = run_dir / "student.pth"
@@ -81,7 +87,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, progress: bool = T
     return out
 
 
-def views(cfg: PretrainConfig, device: torch.device) -> Views:
+def recipe(cfg: PretrainConfig, device: torch.device) -> Views:
     """TinyMIM's two views (Table 1: crop scale, student-only colour jitter) in `cfg.augment`
     mode; JPEGs are decoded on the device when it is a GPU and the mode is `device`."""
     return Views(cfg.input_size, tuple(cfg.crop_scale), cfg.color_jitter, cfg.augment,

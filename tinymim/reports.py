@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write
+from .stats import Summary, mean_std, verdict
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,10 +64,9 @@ def _resource(name: str) -> Any:
     return json.loads(resources.files("tinymim.resources").joinpath(name).read_text())
 
 
-def _fmt(value: float | None, std: float | None = None, n: int = 1) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.1f} ± {std:.1f}" if std is not None and n > 1 else f"{value:.1f}"
+def _fmt(value: float | None) -> str:
+    """A published number."""
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _data_name(cfg: dict[str, Any] | None) -> str:
@@ -79,7 +79,7 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per model a run produced (the distilled student and the scratch baseline,
     fine-tuned), with the numbers it measured and, for each gap, why it is a gap. Keys:
     model, source, top1, mIoU, imagenet_a, imagenet_r, imagenet_c_mCE, c_mean_error
-    (each a (mean, std, n) tuple or a reason string)."""
+    (each a `stats.Summary` or a reason string)."""
     ft, seg, rob = metrics.get("03_finetune"), metrics.get("04_segmentation"), metrics.get("05_robustness")
     pre = metrics.get("02_distill_pretrain") or {}
     cfg = (ft or {}).get("config") or (seg or {}).get("config") or pre.get("config")
@@ -87,15 +87,15 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     model = (ft or seg or {}).get("model") or pre.get("student") or "student"
     source = f"{cfg['profile']} · {_data_name(cfg)} · {model}" if cfg else "this run"
     rows = []
+    summary = (ft or {}).get("summary", {})
     for arm in ("distilled", "scratch"):
-        if ft is not None and f"{arm}_top1_mean" not in ft:
+        if ft is not None and arm not in summary:
             continue
         row: dict[str, Any] = {"model": f"{arm} {model}" + (" (TinyMIM)" if arm == "distilled" else ""),
                                "source": source}
-        row["top1"] = ((ft[f"{arm}_top1_mean"], ft[f"{arm}_top1_std"], len(ft.get("seeds", [0])))
-                       if ft else "03 not run")
+        row["top1"] = Summary.from_dict(summary[arm]) if ft else "03 not run"
         if arm == "distilled":
-            row["mIoU"] = (seg["mIoU"], None, 1) if seg else "04 not run"
+            row["mIoU"] = mean_std([seg["mIoU"]]) if seg else "04 not run"
         else:
             row["mIoU"] = "not segmented (04 segments the distilled student)"
         robust = {r["model"]: r for r in (rob or {}).get("summary", [])}.get(arm)
@@ -103,15 +103,15 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             if robust is None:
                 row[key] = "05 not run" if rob is None else "model not evaluated"
             elif name in robust:
-                row[key] = (robust[name], None, 1)
+                row[key] = mean_std([robust[name]])
             else:
                 row[key] = "no such data for synthetic classes" if synthetic else "dataset not given"
         if robust is not None and "imagenet_c mCE" in robust:
-            row["imagenet_c_mCE"] = (robust["imagenet_c mCE"], None, 1)
-            row["c_mean_error"] = (robust["imagenet_c mean_error"], None, 1)
+            row["imagenet_c_mCE"] = mean_std([robust["imagenet_c mCE"]])
+            row["c_mean_error"] = mean_std([robust["imagenet_c mean_error"]])
         elif robust is not None and "synthetic_c mean_error" in robust:
             row["imagenet_c_mCE"] = "synthetic-C has no AlexNet reference; relative CE in 05"
-            row["c_mean_error"] = (robust["synthetic_c mean_error"], None, 1)
+            row["c_mean_error"] = mean_std([robust["synthetic_c mean_error"]])
         else:
             row["imagenet_c_mCE"] = row["c_mean_error"] = "05 not run" if rob is None else "dataset not given"
         rows.append(row)
@@ -123,8 +123,8 @@ RESULT_COLUMNS = [("top1", "top-1 (%)"), ("mIoU", "seg. mIoU (%)"), ("imagenet_a
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, tuple):
-        return _fmt(*value)
+    if isinstance(value, Summary):
+        return str(value)
     return f"— ({value})" if value else "—"
 
 
@@ -144,25 +144,13 @@ def results_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-# (table, paper key, config field): supplementary Tables 1-3, in their order
-HYPERPARAMETERS = {
-    "pretrain": ("Table 1 · distillation pre-training", "table1_pretrain", [
-        ("pretraining_epochs", "epochs"), ("batch_size", "batch_size"), ("adam_eps", "eps"), ("adam_betas", "betas"),
-        ("peak_lr", "lr"), ("base_lr_per_256", "blr"), ("min_lr", "min_lr"), ("lr_schedule", "schedule"),
-        ("warmup_epochs", "warmup_epochs"), ("stochastic_depth", "drop_path"), ("weight_decay", "weight_decay"),
-        ("input_resolution", "input_size"), ("color_jitter_student_only", "color_jitter")]),
-    "finetune": ("Table 2 · ImageNet-1K fine-tuning", "table2_finetune", [
-        ("peak_lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("layer_decay", "layer_decay"),
-        ("stochastic_depth", "drop_path"), ("warmup_epochs", "warmup_epochs"), ("adam_eps", "eps"),
-        ("adam_betas", "betas"), ("lr_schedule", "schedule"), ("weight_decay", "weight_decay"),
-        ("label_smoothing", "label_smoothing"), ("gradient_clipping", "clip_grad"), ("random_erasing", "reprob"),
-        ("input_resolution", "input_size"), ("rand_augment", "rand_augment"), ("mixup", "mixup"), ("cutmix", "cutmix")]),
-    "segmentation": ("Table 3 · ADE20K UperNet", "table3_segmentation", [
-        ("input_resolution", "input_size"), ("peak_lr", "lr"), ("steps", "steps"), ("batch_size", "batch_size"),
-        ("adam_eps", "eps"), ("adam_betas", "betas"), ("layer_decay", "layer_decay"), ("min_lr", "min_lr"),
-        ("lr_schedule", "schedule"), ("warmup_steps", "warmup_steps"), ("stochastic_depth", "drop_path"),
-        ("weight_decay", "weight_decay")]),
-}
+def paper_tables() -> list[dict[str, Any]]:
+    """Supplementary Tables 1-3 in their order, each with the stage and notebook it describes
+    and the config field of each row (resources/paper_tables.json)."""
+    data = _resource("paper_tables.json")
+    return [data[key] for key in data if key.startswith("table")]
+
+
 _SCHEDULED = {"epochs": "steps", "warmup_epochs": "warmup_steps"}  # a step count set instead of epochs
 
 
@@ -186,11 +174,14 @@ def _same(paper: Any, used: Any) -> bool:
     return paper == used
 
 
+_ABSENT = object()  # the table has no such row for the model (a null row means "none", e.g. no clipping)
+
+
 def _paper_value(table: dict[str, Any], model: str, key: str) -> Any:
     for part in (table.get(model, {}), table.get("all", {})):
         if key in part:
             return part[key]
-    return None
+    return _ABSENT
 
 
 def paper_counterpart(model: str) -> str:
@@ -202,10 +193,10 @@ def paper_counterpart(model: str) -> str:
 def hyperparameter_rows(stage: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The hyper-parameters a stage used, in its supplementary table's order, each with the
     paper's value and, where they differ, why."""
-    from .config import get_config
+    from .presets import get_config
 
-    _, key, fields = HYPERPARAMETERS[stage]
-    table = _resource("paper_tables.json")[key]
+    table = next(t for t in paper_tables() if t["stage"] == stage)
+    fields = table["fields"]
     model = paper_counterpart(cfg.get("model", ""))
     preset = None
     try:
@@ -216,36 +207,35 @@ def hyperparameter_rows(stage: str, cfg: dict[str, Any]) -> list[dict[str, Any]]
     for paper_key, field in fields:
         paper = _paper_value(table, model, paper_key)
         used = _used(cfg, field)
-        same = paper is not None and _same(paper, used)
+        same = paper is not _ABSENT and _same(paper, used)
         if same:
             why = f"one of the paper's {paper}" if isinstance(paper, list) and not isinstance(used, list) else ""
-        elif paper is None:
+        elif paper is _ABSENT:
             why = f"the paper gives no value for {model}" if model else "the paper gives no value"
         elif preset is not None and _used(preset, field) != used:
             why = f"override (the {cfg.get('profile')} preset has {_used(preset, field)})"
-        elif cfg.get("profile") == "smoke":
-            why = "smoke profile: micro ViT, synthetic data, CPU minutes"
+        elif cfg.get("profile") != "paper":
+            why = f"{cfg.get('profile')} profile: micro ViT, built-in data, CPU minutes"
         else:
-            why = "kit default (README: where the kit follows the paper over the official code)"
-        rows.append({"hyper-parameter": paper_key, "paper": "—" if paper is None else paper, "used": used,
+            why = "kit default (docs/deviations-from-the-release.md)"
+        rows.append({"hyper-parameter": paper_key, "paper": "—" if paper in (_ABSENT, None) else paper, "used": used,
                      "differs": not same, "why": why})
     return rows
 
 
 def hyperparameter_tables(metrics: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    for stage, section in (("pretrain", "02_distill_pretrain"), ("finetune", "03_finetune"),
-                           ("segmentation", "04_segmentation")):
-        title = HYPERPARAMETERS[stage][0]
+    for table in paper_tables():
+        section = table["notebook"]
         cfg = metrics.get(section, {}).get("config")
-        lines += ["", f"### {title}", ""]
+        lines += ["", f"### {table['title']}", ""]
         if cfg is None:
             lines.append(f"— ({section} {'recorded no config' if section in metrics else 'not run'})")
             continue
         lines += [f"`{cfg.get('model')}`, profile `{cfg.get('profile')}`, data `{cfg.get('data')}`; paper column: "
                   f"`{paper_counterpart(cfg.get('model', ''))}`. Rows in **bold** differ from the paper.", "",
                   "| hyper-parameter | paper | used | why it differs |", "|---|---|---|---|"]
-        for r in hyperparameter_rows(stage, cfg):
+        for r in hyperparameter_rows(table["stage"], cfg):
             name = f"**{r['hyper-parameter']}**" if r["differs"] else r["hyper-parameter"]
             used = f"**{r['used']}**" if r["differs"] else r["used"]
             lines.append(f"| {name} | {r['paper']} | {used} | {r['why']} |")
@@ -256,16 +246,17 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     """Plain sentences, each computed from numbers in the tables above (nothing else)."""
     out = []
     ft = metrics.get("03_finetune")
-    if ft and "margin_top1_mean" in ft:
-        m, s, n = ft["margin_top1_mean"], ft["margin_top1_std"], len(ft.get("seeds", [0]))
-        d, sc = ft["distilled_top1_mean"], ft["scratch_top1_mean"]
-        data = _data_name(ft.get("config"))
-        if n > 1 and abs(m) <= 2 * s:
-            verdict = f"differs from the from-scratch one by {m:+.1f} ± {s:.1f} points top-1, within two standard deviations"
+    if ft and "margin" in ft.get("summary", {}):
+        margin = Summary.from_dict(ft["summary"]["margin"])
+        d, sc = (Summary.from_dict(ft["summary"][arm]).mean for arm in ("distilled", "scratch"))
+        data, n = _data_name(ft.get("config")), margin.n
+        judged = verdict(margin)
+        if judged.startswith("inconclusive"):
+            text = f"differs from the from-scratch one by {margin.signed()} points top-1 ({judged})"
         else:
-            verdict = f"{'beats' if m > 0 else 'trails'} the from-scratch one by {abs(m):.1f}" + (
-                f" ± {s:.1f}" if n > 1 else "") + " points top-1"
-        out.append(f"The distilled {ft.get('model')} {verdict} ({d:.1f} vs {sc:.1f} %, {data} data, "
+            spread = "" if margin.std is None else f" ± {margin.std:.1f}"
+            text = f"{'beats' if margin.mean > 0 else 'trails'} the from-scratch one by {abs(margin.mean):.1f}{spread} points top-1"
+        out.append(f"The distilled {ft.get('model')} {text} ({d:.1f} vs {sc:.1f} %, {data} data, "
                    f"{n} seed{'s' if n > 1 else ''}, {ft.get('labelled_images') or 'all'} labelled images).")
     mod = metrics.get("01_models", {})
     if "teacher_probe_top1" in mod:
@@ -354,12 +345,6 @@ def _figures(run_dir: Path, out: Path) -> list[Path]:
     return copied
 
 
-def _stats(values: list[float]) -> tuple[float, float | None, int]:
-    import statistics
-
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
-
-
 def _group_key(metrics: dict[str, Any]) -> str:
     """Runs that differ only in their seeds belong together."""
     configs = {s: {k: v for k, v in (metrics.get(s, {}).get("config") or {}).items() if k not in ("seed", "pretrained",
@@ -367,11 +352,15 @@ def _group_key(metrics: dict[str, Any]) -> str:
     return json.dumps(configs, sort_keys=True, default=str)
 
 
-COMPARED = [("03_finetune", "distilled_top1_mean", "distilled top-1 (%)"),
-            ("03_finetune", "scratch_top1_mean", "scratch top-1 (%)"),
-            ("03_finetune", "margin_top1_mean", "distilled − scratch (points)"),
-            ("04_segmentation", "mIoU", "segmentation mIoU (%)"),
-            ("01_models", "teacher_probe_top1", "teacher linear probe (%)")]
+def _summary_mean(arm: str):
+    return lambda m: (m.get("03_finetune", {}).get("summary", {}).get(arm) or {}).get("mean")
+
+
+COMPARED = [("03_finetune", _summary_mean("distilled"), "distilled top-1 (%)"),
+            ("03_finetune", _summary_mean("scratch"), "scratch top-1 (%)"),
+            ("03_finetune", _summary_mean("margin"), "distilled − scratch (points)"),
+            ("04_segmentation", lambda m: m.get("04_segmentation", {}).get("mIoU"), "segmentation mIoU (%)"),
+            ("01_models", lambda m: m.get("01_models", {}).get("teacher_probe_top1"), "teacher linear probe (%)")]
 
 
 def comparison_table(runs: list[Path]) -> list[str]:
@@ -383,11 +372,11 @@ def comparison_table(runs: list[Path]) -> list[str]:
         groups.setdefault(_group_key(m), []).append((run, m))
     names = [" + ".join(p.name for p, _ in members) for members in groups.values()]
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for section, key, label in COMPARED:
+    for section, read, label in COMPARED:
         cells = []
         for members in groups.values():
-            values = [m[section][key] for _, m in members if m.get(section, {}).get(key) is not None]
-            cells.append(_fmt(*_stats(values)) + (f" (n={len(values)})" if len(values) > 1 else "") if values
+            values = [v for _, m in members if (v := read(m)) is not None]
+            cells.append(str(mean_std(values)) + (f" (n={len(values)})" if len(values) > 1 else "") if values
                          else f"— ({section} not run)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines

@@ -39,12 +39,23 @@ from .checkpoints import (
     open_checkpoint,
     read_checkpoint,
 )
-from .config import SegmentationConfig, config_from_dict
-from .data import ADE20K, IGNORE_INDEX, DataError, LoaderBatches, MemoryImages, Segment, batches, resource_lines, synthetic
+from .config import SegmentationConfig
+from .data import (
+    ADE20K,
+    IGNORE_INDEX,
+    DataError,
+    LoaderBatches,
+    MemoryImages,
+    Segment,
+    batches,
+    resource_lines,
+    synthetic,
+)
 from .data.transforms import normalize
 from .devices import resolve_device
 from .evaluation import confusion_matrix, inference_autocast
 from .models import ModelSpec, RelPosAttention, add_relative_position_bias, build_model
+from .presets import config_from_dict
 
 STAR = "tinymim_star_tiny"
 STAR_WIDTH = 1280  # TinyMIM*-T's widened last level (Segmentation/TinyMIMstar-T/backbone/mae.py: conv1x1)
@@ -231,6 +242,15 @@ def build_segmenter(cfg: SegmentationConfig) -> ViTUperNet:
     return ViTUperNet(backbone, cfg.out_indices, cfg.num_classes, cfg.channels, cfg.aux_channels, adapter, widen)
 
 
+def build_task(cfg: SegmentationConfig, device: torch.device | None = None) -> tuple[SegmentationTask, ViTUperNet, float]:
+    """(the segmentation task, the model the optimiser groups, its layer decay); SyncBatchNorm
+    when the run is distributed on GPUs (it has no CPU kernels: gloo runs keep per-rank BN)."""
+    model = build_segmenter(cfg)
+    if distributed.active() and device is not None and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return SegmentationTask(model, cfg), model, cfg.layer_decay
+
+
 def load_segmenter(path: str | os.PathLike) -> tuple[ViTUperNet, SegmentationConfig]:
     """A trained segmenter (`train_segmentation`'s model.pth) and its config: rebuilt from
     the recorded config (the backbone's head layout comes from its `pretrained` file), then
@@ -268,14 +288,18 @@ def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def segmentation_batches(cfg: SegmentationConfig, rank: int = 0, world_size: int = 1) -> LoaderBatches:
     """The training crops: ADE20K's `training` split, or the synthetic labelled split with its
-    masks, through the same recipe (the ADE20K scale (2048, 512) is (4, 1) x the crop)."""
+    masks, through the same recipe."""
     if cfg.data == "synthetic":
         train = synthetic("train", cfg, size=cfg.data_limit)
         source = MemoryImages(train.images, masks=train.masks)
     else:
         source = ADE20K(cfg.data, "training", cfg.reduce_zero_label)
-    recipe = Segment(cfg.input_size, (4 * cfg.input_size, cfg.input_size), ignore_index=IGNORE_INDEX)
-    return batches(cfg, source, recipe, rank, world_size)
+    return batches(cfg, source, recipe(cfg), rank, world_size)
+
+
+def recipe(cfg: SegmentationConfig, device: torch.device | None = None) -> Segment:
+    """The ADE20K training crops (mmseg's pipeline; its (2048, 512) scale is (4, 1) x the crop)."""
+    return Segment(cfg.input_size, (4 * cfg.input_size, cfg.input_size), ignore_index=IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------
@@ -385,13 +409,11 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
         if cfg.num_classes != 150:
             raise DataError(f"num_classes: ADE20K has 150 classes, the config says {cfg.num_classes}")
     engine.seed_everything(cfg.seed)
-    model = build_segmenter(cfg)
-    rank, world_size = distributed.world()
     dev = resolve_device(device)
-    if distributed.active() and dev.type == "cuda":  # SyncBatchNorm has no CPU kernels: gloo runs keep per-rank BN
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    engine.train(SegmentationTask(model, cfg), segmentation_batches(cfg, rank, world_size), cfg, run_dir,
-                 device=device, progress=progress, optimize=model, layer_decay=cfg.layer_decay)
+    task, model, layer_decay = build_task(cfg, dev)
+    rank, world_size = distributed.world()
+    engine.train(task, segmentation_batches(cfg, rank, world_size), cfg, run_dir, device=device, progress=progress,
+                 optimize=model, layer_decay=layer_decay)
     metrics = evaluate_segmentation(model, cfg, device=device)
     if rank == 0:
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, run_dir / "model.pth")

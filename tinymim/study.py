@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write, atomic_write_json
-from .config import cache_dir, get_config
+from .config import cache_dir
 from .devices import environment
 from .launch import train_stage
 from .pipeline import REPO_ROOT, config_key, smoke_teacher
+from .presets import get_config
 from .reports import markdown_to_html
 from .robustness import evaluate_robustness
+from .stats import Summary, mean_std, paired_gain
+from .stats import verdict as stats_verdict
 
 STUDENT, MID = "micro_tiny", "micro_small"  # the T and S of the paper's chain, at smoke size
 TEACHER = "micro_base"
@@ -47,6 +49,7 @@ class Budget:
     segmentation_channels: int  # UperNet width (auxiliary head: half)
     corruption_images: int
     corruptions: tuple[str, ...] | None = None  # None = all 15
+    teacher: dict[str, Any] | None = None  # the MAE teacher's overrides of the smoke preset (None: as it is)
 
     def pretrain(self) -> dict[str, Any]:
         return {"steps": self.pretrain_steps, "warmup_steps": self.pretrain_steps // 10,
@@ -54,15 +57,15 @@ class Budget:
 
 
 BUDGETS = {
-    # the numbers in reports/study: ~19.5 minutes per seed on an idle 2-core CPU. Calibrated on
-    # seeds 0-1 before: 200 distillation + 300 fine-tuning steps gave 25 % top-1 against 17 % from
-    # scratch; the UperNet needs ~500 steps to leave the majority-class floor (7 % mIoU; at 80-300
-    # steps every arm sat on it), so it gets half the smoke width (32 channels) and batch 16
+    # what reports/study was made with (its REPORT.md states the time): short enough for all arms
+    # and 3 seeds within an hour on a 2-core CPU; the UperNet gets enough steps to leave the
+    # majority-class floor at a narrower head
     "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
                     segmentation_batch=16, segmentation_channels=32, corruption_images=200),
     # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
     "tiny": Budget(pretrain_steps=4, pretrain_batch=16, finetune_steps=4, segmentation_steps=2, segmentation_batch=8,
-                   segmentation_channels=16, corruption_images=20, corruptions=("gaussian_noise", "fog")),
+                   segmentation_channels=16, corruption_images=20, corruptions=("gaussian_noise", "fog"),
+                   teacher={"steps": 6, "warmup_steps": 1, "batch_size": 32}),
 }
 
 
@@ -122,6 +125,7 @@ FINDINGS = [
     Finding("Q-K + V-V beats V-V alone", "relation", "vv"),
 ]
 # metric -> (label, higher is better)
+PREMISE = Finding("the MAE teacher beats a scratch student (the study's premise)", "teacher", "scratch")
 METRICS = {"top1": ("top-1 (%)", True), "mIoU": ("mIoU (%)", True), "c_error": ("synthetic-C mean error (%)", False)}
 ROWS = "abcdefghi"
 
@@ -210,23 +214,17 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
             return done
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    for name, cfg in run.configs.items():
-        if name in ("finetune", "segmentation", "robustness"):
+    results = {}
+    for name, cfg in run.configs.items():  # in order: pre-training chain, fine-tuning, segmentation
+        if name == "robustness":
             continue
         t = time.perf_counter()
-        train_stage("mae" if name == "mae" else "pretrain", cfg, run.root / name, device, nproc, progress)
+        results[name] = train_stage(cfg.stage, cfg, run.root / name, device, nproc, progress, log=lambda line: None)
         seconds[name] = time.perf_counter() - t
+    ft = results["finetune"].metrics
+    seg = results["segmentation"].metrics if "segmentation" in results else {"mIoU": None}
     t = time.perf_counter()
-    model, ft = train_stage("finetune", run.configs["finetune"], run.root / "finetune", device, nproc, progress)
-    seconds["finetune"] = time.perf_counter() - t
-    seg: dict[str, Any] = {"mIoU": None}
-    if "segmentation" in run.configs:
-        t = time.perf_counter()
-        _, seg = train_stage("segmentation", run.configs["segmentation"], run.root / "segmentation", device, nproc,
-                             progress)
-        seconds["segmentation"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rob = evaluate_robustness(model, run.configs["robustness"], device=device)["synthetic_c"]
+    rob = evaluate_robustness(results["finetune"].model(), run.configs["robustness"], device=device)["synthetic_c"]
     seconds["robustness"] = time.perf_counter() - t
     result = {"arm": run.arm.name, "row": run.arm.row, "seed": run.seed, "key": key,
               "top1": ft["top1"], "mIoU": seg["mIoU"], "c_error": rob["mean_error"],
@@ -259,7 +257,7 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
         raise ValueError("seeds: at least one seed")
     out = Path(out) if out else default_out(budget)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = smoke_teacher(out / "teacher", progress=progress, device=device, nproc=nproc)
+    teacher = smoke_teacher(out / "teacher", BUDGETS[budget].teacher, progress=progress, device=device, nproc=nproc)
     runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher)
     start = time.perf_counter()
     results = []
@@ -271,7 +269,8 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
             f"C error {res['c_error']:.1f} ({res['total_seconds']:.0f} s)")
     state = {"budget": budget, "budget_steps": asdict(BUDGETS[budget]), "seeds": list(seeds),
              "arms": [r.arm.name for r in runs[:len(runs) // len(seeds)]],
-             "teacher": str(teacher), "teacher_config": get_config("mae", TEACHER, "smoke").to_dict(),
+             "teacher": str(teacher),
+             "teacher_config": get_config("mae", TEACHER, "smoke", BUDGETS[budget].teacher).to_dict(),
              "environment": environment(),
              "wall_seconds_this_call": round(time.perf_counter() - start, 1),
              "train_seconds": round(sum(r["total_seconds"] for r in results), 1)}
@@ -283,53 +282,42 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
 # from results to tables and verdicts
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """arm -> metric -> mean, std (sample; None for one seed), n and the per-seed values."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Summary]]:
+    """arm -> metric -> its `stats.Summary` over seeds."""
+    by: dict[str, dict[str, dict[int, float]]] = {}
     for res in results:
         for metric in METRICS:
-            if res.get(metric) is None:
-                continue
-            out.setdefault(res["arm"], {}).setdefault(metric, {"values": {}})["values"][res["seed"]] = res[metric]
-    for metrics in out.values():
-        for stats in metrics.values():
-            values = list(stats["values"].values())
-            stats.update(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
-                         n=len(values))
-    return out
+            if res.get(metric) is not None:
+                by.setdefault(res["arm"], {}).setdefault(metric, {})[res["seed"]] = res[metric]
+    return {arm: {m: mean_std(v.values()) for m, v in metrics.items()} for arm, metrics in by.items()}
 
 
 def verdict(results: Sequence[dict[str, Any]], finding: Finding, metric: str) -> dict[str, Any]:
-    """The paired (same seed) gain of `better` over `worse` in the metric's good direction:
-    mean ± std over seeds, and the verdict: inconclusive when |mean| ≤ 2 std (or one seed),
-    else "holds" or "does not hold at this scale" by its sign."""
-    by = {(r["arm"], r["seed"]): r[metric] for r in results if r.get(metric) is not None}
-    seeds = sorted({s for a, s in by if a == finding.better} & {s for a, s in by if a == finding.worse})
-    sign = 1 if METRICS[metric][1] else -1
-    gains = [sign * (by[(finding.better, s)] - by[(finding.worse, s)]) for s in seeds]
-    if not gains:
-        return {"gain": None, "std": None, "n": 0, "verdict": "not run"}
-    mean = statistics.fmean(gains)
-    std = statistics.stdev(gains) if len(gains) > 1 else None
-    if std is None:
-        text = "inconclusive (one seed)"
-    elif abs(mean) <= 2 * std:
-        text = "inconclusive given the std"
-    else:
-        text = "holds" if mean > 0 else "does not hold at this scale"
-    return {"gain": mean, "std": std, "n": len(gains), "verdict": text}
+    """The seed-paired gain of `better` over `worse` in the metric's good direction (a
+    `stats.Summary`, None when not run) and its verdict (`stats.verdict`)."""
+    by = {arm: {r["seed"]: r[metric] for r in results if r["arm"] == arm and r.get(metric) is not None}
+          for arm in (finding.better, finding.worse)}
+    gain = paired_gain(by[finding.better], by[finding.worse], higher_is_better=METRICS[metric][1])
+    return {"gain": gain, "verdict": stats_verdict(gain)}
 
 
 def findings_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every finding whose two arms were run, with its verdict per metric."""
     arms = {r["arm"] for r in results}
-    rows = []
-    for f in [Finding("the MAE teacher beats a scratch student (the study's premise)", "teacher", "scratch"),
-              *FINDINGS]:
-        if f.better in arms and f.worse in arms:
-            rows.append({"rows": f.rows, "claim": f.claim, "better": f.better, "worse": f.worse,
-                         **{m: verdict(results, f, m) for m in METRICS}})
-    return rows
+    return [{"rows": f.rows, "claim": f.claim, "better": f.better, "worse": f.worse,
+             **{m: verdict(results, f, m) for m in METRICS}}
+            for f in (PREMISE, *FINDINGS) if f.better in arms and f.worse in arms]
+
+
+def _plain(value: Any) -> Any:
+    """Summaries as plain data, for metrics.json."""
+    if isinstance(value, Summary):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _host(env: dict[str, Any] | None) -> str:
@@ -339,16 +327,12 @@ def _host(env: dict[str, Any] | None) -> str:
     return f"{env['cpu']} with {env['cpus']} CPUs" + (f" and {gpus}" if gpus else " (no GPU)")
 
 
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:+.1f} ± {std:.1f}" if std is not None else f"{mean:+.1f}"
+def _ms(summary: Summary | None) -> str:
+    return "—" if summary is None else str(summary)
 
 
-def _ms(stats: dict[str, Any] | None) -> str:
-    if stats is None:
-        return "—"
-    return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if stats["std"] is not None else f"{stats['mean']:.1f}"
+def _pm(gain: Summary | None) -> str:
+    return "—" if gain is None else gain.signed()
 
 
 def plot_study(results: Sequence[dict[str, Any]]):
@@ -359,15 +343,15 @@ def plot_study(results: Sequence[dict[str, Any]]):
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
     for ax, (metric, (label, higher)) in zip(axes, METRICS.items()):
         arms = [a.name for a in ARMS if metric in summary.get(a.name, {})]
-        means = [summary[a][metric]["mean"] for a in arms]
-        stds = [summary[a][metric]["std"] or 0.0 for a in arms]
+        means = [summary[a][metric].mean for a in arms]
+        stds = [summary[a][metric].std or 0.0 for a in arms]
         ax.bar(range(len(arms)), means, yerr=stds, capsize=3, color="#9ecae1")
         for i, a in enumerate(arms):
-            values = list(summary[a][metric]["values"].values())
+            values = summary[a][metric].values
             ax.plot([i] * len(values), values, "k.", ms=4)
         ax.set_xticks(range(len(arms)), [f"({ARM[a].row}) {a}" for a in arms], rotation=60, ha="right")
         ax.set_title(f"{label}, {'higher' if higher else 'lower'} is better")
-        low = min(min(summary[a][metric]["values"].values()) for a in arms)
+        low = min(min(summary[a][metric].values) for a in arms)
         ax.set_ylim(max(0.0, low - 5), None)
     fig.tight_layout()
     return fig
@@ -412,9 +396,9 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
           "corruptions. Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the "
           "paired difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
     if scratch and teacher:
-        margin = verdict(results, Finding("", "teacher", "scratch"), "top1")
+        margin = verdict(results, PREMISE, "top1")
         md += [f"**Is the study informative?** The MAE teacher fine-tuned reaches {_ms(teacher)} % top-1 against "
-               f"{_ms(scratch)} % for a scratch student: a margin of {_pm(margin['gain'], margin['std'])} points "
+               f"{_ms(scratch)} % for a scratch student: a margin of {_pm(margin['gain'])} points "
                f"({margin['verdict']}).", ""]
     md += ["## Every arm", "", "| row | arm | top-1 (%) | mIoU (%) | synthetic-C error (%) | seeds |",
            "|---|---|---|---|---|---|"]
@@ -422,21 +406,22 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
         if arm.name in summary:
             s = summary[arm.name]
             md.append(f"| ({arm.row}) | {arm.label} | {_ms(s['top1'])} | {_ms(s.get('mIoU'))} | {_ms(s['c_error'])} | "
-                      f"{s['top1']['n']} |")
+                      f"{s['top1'].n} |")
     md += ["", "## The paper's findings, one verdict per metric", "",
            "Gain = the first arm minus the second (for the corruption error: the second minus the first), "
            "mean ± std over seeds, in points.", "",
            "| row | claim | arms | top-1 gain | verdict | mIoU gain | verdict | C-error gain | verdict |",
            "|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
-        cells = " | ".join(f"{_pm(v[m]['gain'], v[m]['std'])} | {v[m]['verdict']}" for m in METRICS)
+        cells = " | ".join(f"{_pm(v[m]['gain'])} | {v[m]['verdict']}" for m in METRICS)
         md.append(f"| {v['rows']} | {v['claim']} | {v['better']} vs {v['worse']} | {cells} |")
     md += ["", "## Headline (top-1)", ""]
     md += [f"- {v['rows']} {v['claim']}: **{v['top1']['verdict']}** "
-           f"({_pm(v['top1']['gain'], v['top1']['std'])} points over {v['top1']['n']} seeds)." for v in verdicts]
+           f"({_pm(v['top1']['gain'])} points over {v['top1']['gain'].n if v['top1']['gain'] else 0} seeds)."
+           for v in verdicts]
     md += ["", "## Figures", "", "![study](figures/study.png)", ""]
     text = "\n".join(md) + "\n"
-    atomic_write_json({"state": state, "runs": results, "summary": summary, "findings": verdicts},
+    atomic_write_json(_plain({"state": state, "runs": results, "summary": summary, "findings": verdicts}),
                       out / "metrics.json")
     html = markdown_to_html(text, out, title="TinyMIM study")
     atomic_write(out / "REPORT.md", lambda f: f.write(text.encode()))

