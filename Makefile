@@ -8,12 +8,15 @@ PY := .venv/bin/python
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: run test lab chromium
+.PHONY: run test unit lab chromium slurm
 run: .venv/.installed  ## the whole notebook pipeline on the built-in default (smoke, CPU)
 	$(PY) -m tinymim run --profile smoke
 
-test: .venv/.installed chromium  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
+test: .venv/.installed chromium slurm  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
 	$(PY) -m pytest tests --nbmake --nbmake-timeout=1800 notebooks -p no:cacheprovider
+
+unit: .venv/.installed  ## the edit-test loop: every test but the notebooks and the browser
+	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider -q
 
 lab: .venv/.installed  ## the notebooks in JupyterLab, with this kit's environment as the kernel
 	.venv/bin/jupyter lab notebooks
@@ -23,3 +26,10 @@ chromium:
 	@command -v chromium >/dev/null || { \
 	  APT="$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -y -q"; \
 	  $$APT install chromium || { $$APT update && $$APT install chromium; }; }
+
+# the cluster tests (tests/test_cluster.py) start a real single-node SLURM from Debian's packages
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  APT="$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get -y -q"; \
+	  PKGS="slurmctld slurmd slurm-client munge"; \
+	  $$APT install --no-install-recommends $$PKGS || { $$APT update && $$APT install --no-install-recommends $$PKGS; }; }

@@ -1,4 +1,4 @@
-"""The distributed rules of DESIGN.md, checked in one process: every collective is built on the
+"""The distributed rules of docs/gpu-hosts.md, checked in one process: every collective is built on the
 run's device (NCCL refuses CPU tensors), one module owns them, every parameter DDP sees takes
 part in the loss, a frozen teacher stays out of DDP's broadcasts, and the precision choices
 that only matter on GPUs (teacher weights in bf16, relation logits in fp32)."""

@@ -65,20 +65,21 @@ def test_a_notebook_cell_launches_torchrun_and_gets_the_cli_student(work, teache
     nb.cells = [nbformat.v4.new_code_cell(
         "from tinymim import launch\nfrom tinymim.presets import get_config\n"
         f"cfg = get_config('pretrain', 'micro_tiny', 'smoke', {overrides!r})\n"
-        f"student = launch.train_stage('pretrain', cfg, {str(out)!r}, device='cpu', nproc=2)\n"
-        "print('student at', student)")]
+        f"result = launch.train_stage('pretrain', cfg, {str(out)!r}, device='cpu', nproc=2)\n"
+        "print('student at', result.path)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(nb, timeout=600, kernel_name="python3").execute()
     outputs = nb.cells[0].outputs
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     widgets = [o for o in outputs if o.output_type == "display_data"]
     assert f"student at {out / 'student.pth'}" in text
-    assert "students:" in text  # the ranks' own output, streamed into the cell
+    assert '"stage": "pretrain"' in text  # the ranks' own output, streamed into the cell
+    assert '{"tinymim": "progress"' not in text  # rank 0's progress drove the bar, it was not printed
     assert widgets or "pretrain x2" in text  # the progress bar: a widget in a kernel (text without ipywidgets)
     a, b = _weights(cli_student), _weights(out / "student.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a second call reads the finished run instead of launching again
-    assert launch.train_stage("pretrain", cfg, out, device="cpu", nproc=2, log=lambda line: None) == out / "student.pth"
+    assert launch.train_stage("pretrain", cfg, out, device="cpu", nproc=2, log=lambda line: None).path == out / "student.pth"
 
 
 def test_two_nodes_on_localhost_give_the_one_node_student(work, teacher, cli_student):
@@ -111,7 +112,8 @@ def test_a_failing_rank_stops_the_call_with_its_error(work, teacher):
 
 def test_fine_tuning_under_torchrun_returns_what_the_in_process_call_returns(work):
     cfg = get_config("finetune", "micro_tiny", "smoke", TINY | {"steps": 2})
-    model, metrics = launch.train_stage("finetune", cfg, work / "ft", device="cpu", nproc=2, progress=False,
-                                        log=lambda line: None)
+    result = launch.train_stage("finetune", cfg, work / "ft", device="cpu", nproc=2, progress=False,
+                                log=lambda line: None)
+    model, metrics = result.model(), result.metrics
     assert isinstance(model, torch.nn.Module) and metrics == json.loads((work / "ft" / "eval.json").read_text())
     assert metrics["steps"] == 2 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

@@ -102,9 +102,21 @@ def cmd_run(args: argparse.Namespace) -> None:
         params["device"] = args.device
     if args.nproc is not None:
         params["nproc"] = args.nproc
-    result = run(args.profile, args.out, args.only.split(",") if args.only else None,
-                 notebooks_dir=args.notebooks or NOTEBOOKS_DIR, parameters=params)
-    print(f"run directory: {result.run_dir}")
+    only = args.only.split(",") if args.only else None
+    if args.detach:
+        from .runner import submit_detached
+
+        if not args.cluster:
+            raise ValueError("--detach: needs --cluster slurm (the jobs run the notebooks while nothing here waits)")
+        result = submit_detached(args.profile, args.out, only, _cluster_from(args).to_dict(),
+                                 args.notebooks or NOTEBOOKS_DIR, params)
+        print(json.dumps({"run_dir": str(result.run_dir), "jobs": result.jobs, "completed": result.skipped}))
+        return
+    if args.cluster:
+        params["cluster"] = _cluster_from(args).to_dict()
+    result = run(args.profile, args.out, only, notebooks_dir=args.notebooks or NOTEBOOKS_DIR, parameters=params)
+    print(f"run directory: {result.run_dir}" + (f" (waiting for SLURM: {', '.join(result.waiting)})"
+                                                 if result.waiting else ""))
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -118,16 +130,59 @@ def cmd_study(args: argparse.Namespace) -> None:
     if args.budget not in BUDGETS:
         raise ValueError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
     out = args.out or default_out(args.budget)
+    if args.detach:
+        from .study import submit_detached
+
+        if not args.cluster:
+            raise ValueError("--detach: needs --cluster slurm")
+        print(json.dumps(submit_detached(out, range(args.seeds), only, args.budget, _cluster_from(args).to_dict(),
+                                         args.device or "auto")))
+        return
     params = {"seeds": list(range(args.seeds)), "only": only, "budget": args.budget, "device": args.device or "auto",
-              "nproc": args.nproc}
+              "nproc": args.nproc, "cluster": _cluster_from(args).to_dict() if args.cluster else None}
     result = run("smoke", out, ["08"], parameters=params)
     print(f"study: {result.run_dir / 'REPORT.md'} (executed notebook: {result.run_dir / 'notebooks'})")
+
+
+def _teacher_for(cfg, device) -> None:
+    """Distillation's teacher: the one given, else the built-in profiles' smoke teacher (made now)."""
+    from . import pipeline
+
+    cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path, device=device, nproc=1))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    """A training stage as one SLURM job (`cluster.py`): prints the job id, the log and how to follow
+    or cancel it; `--wait` follows it here and prints the result line."""
+    from . import cluster, launch, stages
+
+    stage = stages.get(args.stage)
+    cfg = _config(args, stage.name)
+    spec = _cluster_from(args)
+    _check_out(args.out)
+    if stage.name == "pretrain":
+        _teacher_for(cfg, "cpu")
+    if stage.finished_config(args.out) == cfg.to_dict():
+        print(json.dumps(_result_line(stage.result(args.out)) | {"note": "already finished; nothing submitted"}))
+        return
+    job = cluster.submit(stage.name, cfg, args.out, spec, args.device)
+    log = cluster.rank0_log(job)
+    print(f"submitted {stage.name} as SLURM job {job.job_id} ({spec.nodes} node(s) x {spec.tasks()} task(s))\n"
+          f"  rank 0 log: {log}\n  follow: tail -f {log}   state: squeue -j {job.job_id}   cancel: scancel {job.job_id}",
+          flush=True)
+    if args.wait:
+        print(json.dumps(_result_line(launch.follow(job, stage.name, args.out))))
+
+
+def _result_line(result) -> dict:
+    return {"stage": result.stage, "path": str(result.path),
+            "metrics": {k: v for k, v in result.metrics.items() if k != "per_class_IoU"}}
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
     """Any registered training stage: its config, then `Stage.run`, then one JSON line of the
     result. Pre-training also takes the smoke teacher when none is given, and `--chain`."""
-    from . import pipeline, stages
+    from . import stages
     from .distributed import setup as setup_distributed
     from .pretrain import pretrain_sequential
 
@@ -136,14 +191,12 @@ def cmd_stage(args: argparse.Namespace) -> None:
     _check_out(args.out)
     device = setup_distributed(args.device)  # a missing device is named before any work
     if stage.name == "pretrain":
-        cfg.teacher_path = str(pipeline.teacher_path_for(None, cfg.profile, cfg.teacher_path, device=device, nproc=1))
+        _teacher_for(cfg, device)
         if args.chain:
             paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
             print(json.dumps({"stage": "pretrain", "chain": [str(p) for p in paths]}))
             return
-    result = stage.run(cfg, args.out, device=device)
-    metrics = {k: v for k, v in result.metrics.items() if k != "per_class_IoU"}
-    print(json.dumps({"stage": stage.name, "path": str(result.path), "metrics": metrics}))
+    print(json.dumps(_result_line(stage.run(cfg, args.out, device=device))))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -183,6 +236,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         record = bench.bench_eval(args.student, args.batch, args.steps, args.device)
     print(json.dumps(record))
+    if args.write:
+        from .bench_report import PAGE, save
+
+        print(f"kept in {save(record)}; {PAGE} rewritten")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -221,6 +278,8 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the default path's forward")
     p.add_argument("--teacher-quant", choices=TEACHER_QUANT, default="none",
                    help="distill: also time the step with a quantised teacher and report its loss deviation")
+    p.add_argument("--write", action="store_true",
+                   help="keep the record in reports/bench/ and regenerate BENCHMARKS.md (run from the repository root)")
     _device(p)
 
 
@@ -260,6 +319,12 @@ def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="every notebook's `device` parameter (default: auto)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
+    p.add_argument("--cluster", choices=["slurm"], default=None,
+                   help="every training stage as a SLURM job of the shape below (the notebooks' `cluster`)")
+    p.add_argument("--detach", action="store_true",
+                   help="with --cluster: submit the notebooks as chained SLURM jobs and return at once; "
+                        "a later `tinymim run` renders what has finished")
+    _cluster_args(p)
 
 
 def _args_study(p: argparse.ArgumentParser) -> None:
@@ -271,6 +336,41 @@ def _args_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
+    p.add_argument("--cluster", choices=["slurm"], default=None, help="every training stage as a SLURM job")
+    p.add_argument("--detach", action="store_true",
+                   help="with --cluster: the teacher's job and the runs as a job array, returning at once; "
+                        "a later `tinymim study` reads the finished runs and writes the report")
+    _cluster_args(p)
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    """The SLURM job's shape (`cluster.Cluster`), shared by `submit` and `run --cluster slurm`."""
+    g = p.add_argument_group("SLURM job (submitit)")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (default 0: a CPU partition)")
+    g.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node, or 1 without GPUs")
+    for name in ("partition", "account", "qos", "constraint"):
+        g.add_argument(f"--{name}", default=None)
+    g.add_argument("--mem", default=None, help="memory per node, SLURM's syntax (e.g. 480G)")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="data-loader workers + 1, per GPU task")
+    g.add_argument("--time", default="4:00", help="time limit per attempt, [D-]H:MM (requeued on the limit)")
+
+
+def _cluster_from(args: argparse.Namespace):
+    from .cluster import Cluster
+
+    return Cluster.from_dict({k: getattr(args, k) for k in (
+        "nodes", "gpus_per_node", "tasks_per_node", "partition", "account", "qos", "constraint", "mem",
+        "cpus_per_task", "time")})
+
+
+def _args_submit(p: argparse.ArgumentParser) -> None:
+    from . import stages
+
+    p.add_argument("stage", choices=[n for s in stages.names() for n in (s, *stages.get(s).aliases)])
+    _training(p, "e.g. vit_small (paper) or micro_tiny (smoke)")
+    _cluster_args(p)
+    p.add_argument("--wait", action="store_true", help="follow rank 0's progress and print the result when it ends")
 
 
 def _args_pretrain(p: argparse.ArgumentParser) -> None:
@@ -318,6 +418,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "config": ("print the resolved config of a stage as JSON", _args_config, cmd_config),
     "run": ("execute the notebooks in order into a run directory", _args_run, cmd_run),
     **_stage_commands(),
+    "submit": ("a training stage as one SLURM job (submitit): one task per GPU, requeued on preemption",
+               _args_submit, cmd_submit),
     "evaluate": ("top-1/top-5 of a fine-tuned checkpoint", _args_evaluate, cmd_evaluate),
     "robustness": ("ImageNet-A/R top-1 and ImageNet-C CE/mCE of a classifier", _args_robustness, cmd_robustness),
     "bench": ("images/s, FLOPs and %% of the measured matmul peak of a step, against the released formulation",

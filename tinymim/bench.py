@@ -32,6 +32,7 @@ from .models import ModelSpec, build_model, choose_attention_kernel, count_flops
 from .pretrain import build_student
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 
 
 def matmul_peak(dtype: torch.dtype | None, device: torch.device, reps: int = 5, max_n: int = 8192) -> float:
@@ -170,7 +171,7 @@ def bench_distill(student: str = "vit_tiny", teacher: str = "vit_base", batch: i
     rate = batch / statistics.median(default_times)
     ref_rate = batch / statistics.median(results["fp32"][0])
     same_rate = batch / statistics.median(results["same"][0])
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = PRECISION_NAMES[dtype]
     return {
         "bench": "distill", "student": student, "teacher": teacher, "teacher_block": block, "batch": batch,
         "input_size": input_size, "device": str(dev), "precision": name, "compile": compile, "attention": kernel,
@@ -231,7 +232,7 @@ def bench_finetune(model: str = "vit_small", batch: int = 8, steps: int = 5, pre
     net.zero_grad(set_to_none=True)
     reset_peak_memory(dev)
     times = _timed(_train_step(loss, list(net.parameters()), dtype, dev), steps, dev)
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = PRECISION_NAMES[dtype]
     return {"bench": "finetune", "model": model, "batch": batch, "device": str(dev), "precision": name,
             "attention": kernel, "steps_timed": steps, "peak_mem_gib": peak_memory(dev),
             **_rates(flops, batch / statistics.median(times), matmul_peak(dtype, dev))}
@@ -253,7 +254,7 @@ def bench_eval(model: str = "vit_small", batch: int = 64, steps: int = 5, device
     times = _timed(lambda: predict(net, images, dev, batch_size=batch), steps, dev)
     dtype = autocast_dtype("auto", dev) if dev.type == "cuda" else None
     return {"bench": "eval", "model": model, "batch": batch, "device": str(dev),
-            "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "steps_timed": steps,
+            "precision": PRECISION_NAMES[dtype], "steps_timed": steps,
             "peak_mem_gib": peak_memory(dev), **_rates(flops, batch / statistics.median(times), matmul_peak(dtype, dev))}
 
 

@@ -22,8 +22,8 @@ class DeviceError(ValueError):
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16). Without it, bf16
-    autocast is emulated and measured ~17x slower than fp32 (an AVX2 EPYC here), with it
-    ~4x faster (AMX)."""
+    autocast is emulated and much slower than fp32, with it faster (the figures:
+    docs/environment.md)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 

@@ -25,7 +25,7 @@ def kl_from_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
 
 
 def default_teacher_block(teacher: VisionTransformer) -> int:
-    """METHOD.md: block 18 of a 24-block ViT-L teacher, otherwise the last block."""
+    """docs/method.md: block 18 of a 24-block ViT-L teacher, otherwise the last block."""
     depth = len(teacher.blocks)
     return 18 if depth == 24 else depth
 
@@ -160,8 +160,8 @@ def _gather_square(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def quantize_teacher(teacher: VisionTransformer, mode: str, device: torch.device) -> VisionTransformer:
     """The frozen teacher's linear layers in lower precision: `int8` = dynamic int8
-    activations x int8 weights (on a CPU PyTorch's own fbgemm kernels, measured 1.56x faster
-    than fp32 for a ViT-B forward here; on a GPU torchao's), `fp8` = torchao's dynamic float8
+    activations x int8 weights (on a CPU PyTorch's own fbgemm kernels, on a GPU torchao's;
+    speed and deviation in BENCHMARKS.md), `fp8` = torchao's dynamic float8
     (GPUs of compute capability 8.9+). Opt-in only: the teacher's rounding reaches the
     targets, so the loss deviates from the fp32 teacher's -- `tinymim bench distill
     --teacher-quant MODE` measures by how much, and the speed of the step."""

@@ -5,7 +5,7 @@ tensor with "No backend type associated with device type cpu". Every reduction t
 takes the run's device and builds its tensor there; nothing else in the kit calls
 `torch.distributed` collectives (tests/test_distributed.py checks both).
 
-Rules the stages follow (DESIGN.md, "Distributed rules"): rank 0 writes a run's files, then
+Rules the stages follow (docs/gpu-hosts.md): rank 0 writes a run's files, then
 every rank passes `barrier` before anyone reads them; evaluation is sharded (`shard`) and
 its counts summed (`all_reduce_sum`).
 """

@@ -1,12 +1,14 @@
-"""Training stages from a notebook on one device or many: one interface, one result.
+"""Training stages from a notebook on one device, many, or a SLURM cluster: one interface, one result.
 
 `train_stage` is what notebooks, the pipeline layer and the study call. On a CPU or one GPU
 it runs the stage in this process; with several GPUs visible (or `nproc` set) it runs the
-stage's CLI command under `torchrun --standalone --nproc_per_node N` as a subprocess, whose
-rank 0 reports its progress as JSON lines (`PROGRESS`) that drive a tqdm bar here, waits, and
-returns the same `StageResult`, read back from the run directory. A rank that fails stops the
-call with that rank's error line. A run directory already finished with the same config (by
-a multi-node CLI run, say) is read, not trained again.
+stage's CLI command under `torchrun --standalone --nproc_per_node N` as a subprocess; with
+`cluster` it submits the stage as a SLURM job (`cluster.py`, submitit). Rank 0 of a launched
+stage reports its progress as JSON lines (`engine.progress_line`) that drive a tqdm bar here;
+the call waits and returns the same `StageResult`, read back from the run directory. A rank
+(or task) that fails stops the call with its error line; interrupting the call stops the ranks
+or cancels the job. A run directory already finished with the same config (by a multi-node
+CLI run, say) is read, not trained again.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from . import cluster as slurm
 from . import stages
 from .checkpoints import atomic_write_json
 from .config import BaseConfig
@@ -129,21 +133,86 @@ def torchrun(args: list[str], nproc: int, log: Callable[[str], None] = print, pr
                            f"last output:\n" + "\n".join(tail))
 
 
+def _new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """Complete lines appended to `path` since `offset` (a log that shrank -- a requeued job's
+    -- is read from its start again)."""
+    if not path.exists():
+        return [], offset
+    size = path.stat().st_size
+    offset = 0 if size < offset else offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode(errors="replace").splitlines(), offset + end
+
+
+def follow(job: Any, stage: str, run_dir: str | os.PathLike, log: Callable[[str], None] = print,
+           progress: bool = True, poll_s: float = 1.0, state_every_s: float = 10.0) -> StageResult:
+    """Wait for a submitted stage's job, rank 0's progress from its log driving a tqdm bar; its
+    `StageResult`, or LaunchFailed with the failing task's error line. Interrupting the call
+    cancels the job (a later call resubmits, and the stage resumes from its checkpoint)."""
+    run_dir, log_path, offset = Path(run_dir), slurm.rank0_log(job), 0
+    bar = Progress(f"{stage} on SLURM job {job.job_id}", log, progress)
+    last_state = time.monotonic()
+    try:
+        while True:
+            force = time.monotonic() - last_state > state_every_s  # scheduler queries are rationed
+            last_state = time.monotonic() if force else last_state
+            done = job.done(force_check=force)
+            lines, offset = _new_lines(log_path, offset)
+            for line in lines:
+                if line.strip():
+                    bar.feed(line)
+            if done:
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        job.cancel(check=False)
+        log(f"cancelled SLURM job {job.job_id}; the stage resumes from {run_dir} when launched again")
+        raise
+    finally:
+        bar.close()
+    return _job_result(job, stage, run_dir)
+
+
+def _job_result(job: Any, stage: str, run_dir: Path) -> StageResult:
+    error = slurm.task_error(run_dir)
+    if error:
+        raise LaunchFailed(f"tinymim {stage} on SLURM job {job.job_id}: task {error['task']} failed: "
+                           f"{error['message']}")
+    try:
+        job.results()
+    except Exception as e:  # cancelled, killed, node failure: submitit's own account
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise LaunchFailed(f"tinymim {stage} on SLURM job {job.job_id} ended {job.state}: "
+                           f"{lines[-1] if lines else type(e).__name__}") from None
+    return stages.get(stage).result(run_dir)
+
+
 def train_stage(stage: str, cfg: BaseConfig, run_dir: str | os.PathLike, device: str | None = "auto",
-                nproc: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> StageResult:
+                nproc: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+                cluster: slurm.Cluster | dict[str, Any] | None = None) -> StageResult:
     """Train `stage` (a name of `stages`: mae, pretrain, finetune, segmentation) per `cfg` into
     `run_dir`; returns its `StageResult` (the final file, the metrics; `.model()` loads it).
 
     A run directory already finished with this config is read, not trained again; one holding
-    another config is refused by the stage. Otherwise, one process (CPU, one GPU, `nproc=1`):
-    in process; several: torchrun, as above.
+    another config is refused by the stage. Otherwise, with `cluster` (a `cluster.Cluster` or
+    its dict, e.g. {"nodes": 4, "gpus_per_node": 8, "partition": "gpu"}): one SLURM job, followed
+    until it ends; else one process (CPU, one GPU, `nproc=1`): in process; several: torchrun.
     """
     spec = stages.get(stage)
     run_dir = Path(run_dir)
-    n = processes(device, nproc)
     if spec.finished_config(run_dir) == cfg.to_dict():
         log(f"{run_dir}: {spec.name} already finished with this config; reading it")
         return spec.result(run_dir)
+    if cluster is not None:
+        cluster = cluster if isinstance(cluster, slurm.Cluster) else slurm.Cluster.from_dict(cluster)
+        job = slurm.submit(spec.name, cfg, run_dir, cluster, device or "auto")
+        log(f"{spec.name}: SLURM job {job.job_id} ({cluster.nodes} node(s) x {cluster.tasks()} task(s)); "
+            f"log {slurm.rank0_log(job)}")
+        return follow(job, spec.name, run_dir, log, progress)
+    n = processes(device, nproc)
     if n == 1:
         return spec.run(cfg, run_dir, device=device, progress=progress)
     env, child_device = child_devices(device, n)

@@ -120,24 +120,34 @@ def config_key(cfg_dict: dict[str, Any]) -> str:
 
 def smoke_teacher(dest: str | os.PathLike | None = None, overrides: dict | None = None,
                   progress: bool = True, device: str | None = "auto", nproc: int | None = None,
-                  profile: str = "smoke") -> Path:
+                  profile: str = "smoke", cluster: dict | None = None) -> Path:
     """The built-in profiles' MAE micro teacher: trained once, cached under a key of its
     resolved config (any changed MAE setting makes a new one), copied into `dest`."""
+    cfg, cache = smoke_teacher_run(overrides, profile)
+    train_stage("mae", cfg, cache, device, nproc, progress, log=lambda line: None, cluster=cluster)  # read if there
+    return cache / "teacher.pth" if dest is None else copy_teacher(cache, Path(dest))
+
+
+def smoke_teacher_run(overrides: dict | None = None, profile: str = "smoke") -> tuple[Any, Path]:
+    """The smoke teacher's MAE config and the cache folder it is trained into."""
     cfg = get_config("mae", profile=profile, overrides=overrides)
-    cache = cache_dir("teachers", config_key(cfg.to_dict()))
-    train_stage("mae", cfg, cache, device, nproc, progress, log=lambda line: None)  # read when it is there
-    if dest is None:
-        return cache / "teacher.pth"
-    dest = Path(dest)
+    return cfg, cache_dir("teachers", config_key(cfg.to_dict()))
+
+
+def copy_teacher(cache: Path, dest: Path) -> Path:
+    """A trained teacher's files copied from its cache folder into `dest` (each file replaced
+    atomically: jobs of a study array may copy it at the same time)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("teacher.pth", "mae_full.pth", "metrics.jsonl"):
-        shutil.copy2(cache / name, dest / name)
+        tmp = dest / f".{name}.{os.getpid()}.tmp"
+        shutil.copy2(cache / name, tmp)
+        os.replace(tmp, dest / name)
     return dest / "teacher.pth"
 
 
 def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: str | os.PathLike | None = None,
                    overrides: dict | None = None, progress: bool = True, device: str | None = "auto",
-                   nproc: int | None = None) -> Path:
+                   nproc: int | None = None, cluster: dict | None = None) -> Path:
     """Notebook 01's teacher: the given `path` (checked now by loading it), or on the built-in
     data the cached MAE micro teacher copied into the run directory."""
     if path is None:
@@ -145,13 +155,14 @@ def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: 
             raise MissingInput("teacher_path is required in the paper profile: an official MAE checkpoint "
                                "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B) ("
                                "tinymim run: --param teacher_path=FILE; papermill: -p teacher_path FILE)")
-        return smoke_teacher(run.models, overrides, progress, device, nproc, profile)
+        return smoke_teacher(run.models, overrides, progress, device, nproc, profile, cluster)
     load_teacher(name, path)  # validate now, before any expensive work downstream
     return Path(path)
 
 
 def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLike | None = None,
-                     progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
+                     progress: bool = True, device: str | None = "auto", nproc: int | None = None,
+                     cluster: dict | None = None) -> Path:
     """The teacher a distillation run uses: the one given, else notebook 01's in the run
     directory (when there is one), else on the built-in data the cached MAE micro teacher."""
     if path:
@@ -162,11 +173,12 @@ def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLik
         where = f" or run notebook 01 into {run.root} first" if run is not None else ""
         raise MissingInput(f"no teacher: pass teacher_path (tinymim run: --param teacher_path=FILE; papermill: "
                            f"-p teacher_path FILE; tinymim pretrain: --set teacher_path=FILE){where}")
-    return smoke_teacher(progress=progress, device=device, nproc=nproc, profile=profile)
+    return smoke_teacher(progress=progress, device=device, nproc=nproc, profile=profile, cluster=cluster)
 
 
 def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None = None,
-                   progress: bool = True, device: str | None = "auto", nproc: int | None = None) -> Path:
+                   progress: bool = True, device: str | None = "auto", nproc: int | None = None,
+                   cluster: dict | None = None) -> Path:
     """A notebook's distilled student: the one given, else notebook 02's in the run
     directory, else -- on the built-in data -- distilled now with the profile's config."""
     if path:
@@ -176,9 +188,9 @@ def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None 
     if profile == "paper":
         raise MissingInput(f"no distilled student: pass `pretrained` (tinymim run: --param pretrained=FILE; "
                            f"papermill: -p pretrained FILE) or run notebook 02 into {run.root} first")
-    teacher = teacher_path_for(run, profile, progress=progress, device=device, nproc=nproc)
+    teacher = teacher_path_for(run, profile, progress=progress, device=device, nproc=nproc, cluster=cluster)
     cfg = get_config("pretrain", profile=profile, overrides={"teacher_path": str(teacher)})
-    return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress).path
+    return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress, cluster=cluster).path
 
 
 # ---------------------------------------------------------------------------------
@@ -214,9 +226,10 @@ def comparison(run: RunLayout, profile: str, student: str | os.PathLike | None, 
 
 
 def run_comparison(runs: list[ArmRun], progress: bool = True, device: str | None = "auto",
-                   nproc: int | None = None) -> dict[ArmRun, StageResult]:
+                   nproc: int | None = None, cluster: dict | None = None) -> dict[ArmRun, StageResult]:
     """Every run of `comparison` trained (or read, when finished with its config)."""
-    return {r: train_stage("finetune", r.cfg, r.path, device, nproc, progress, log=lambda line: None) for r in runs}
+    return {r: train_stage("finetune", r.cfg, r.path, device, nproc, progress, log=lambda line: None, cluster=cluster)
+            for r in runs}
 
 
 def summarize_comparison(results: dict[ArmRun, StageResult], key: str = "top1") -> dict[str, Summary]:
@@ -232,7 +245,7 @@ def summarize_comparison(results: dict[ArmRun, StageResult], key: str = "top1") 
 
 
 def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, device: str | None = "auto",
-                       nproc: int | None = None) -> dict[str, Path]:
+                       nproc: int | None = None, cluster: dict | None = None) -> dict[str, Path]:
     """Notebook 03's fine-tuned models (seed 0 of each arm) for notebooks 04-05, by arm: made
     now on the built-in data if missing; in paper an error naming the parameter to pass."""
     if profile == "paper":
@@ -242,8 +255,8 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, devi
             raise MissingInput(f"no fine-tuned models at {missing}: run notebook 03 first, or pass "
                                f"checkpoints (tinymim run: --param 'checkpoints={{\"name\": \"FILE\"}}')")
     else:
-        student = obtain_student(run, profile, progress=progress, device=device, nproc=nproc)
-        runs = list(run_comparison(comparison(run, profile, student), progress, device, nproc))
+        student = obtain_student(run, profile, progress=progress, device=device, nproc=nproc, cluster=cluster)
+        runs = list(run_comparison(comparison(run, profile, student), progress, device, nproc, cluster))
     return {r.arm: r.path / "model.pth" for r in runs}
 
 
@@ -261,7 +274,7 @@ def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,
                        progress: bool = True, device: str | None = "auto", nproc: int | None = None,
-                       profile: str = "smoke") -> dict[str, Any]:
+                       profile: str = "smoke", cluster: dict | None = None) -> dict[str, Any]:
     """The built-in data's two sanity checks.
 
     (a) a micro ViT trained from scratch on the labelled split must beat chance by far
@@ -271,7 +284,7 @@ def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict
     """
     (scratch_run,) = comparison(run, profile, None, overrides=overrides)
     cfg = scratch_run.cfg
-    scratch = run_comparison([scratch_run], progress, device, nproc)[scratch_run].metrics
+    scratch = run_comparison([scratch_run], progress, device, nproc, cluster)[scratch_run].metrics
     spec = model_spec(teacher)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -18,13 +18,19 @@ from .checkpoints import atomic_write
 from .stats import Summary, mean_std, verdict
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, root: Path) -> Any:
+    """`value` as JSON data; a path inside the run directory `root` relative to it, so a committed
+    metrics.json names no machine's folders and a moved run directory still reads."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, root) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, root) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         value = value.item()
+    if isinstance(value, (str, os.PathLike)) and os.path.isabs(value) and Path(value).is_relative_to(root):
+        return str(Path(value).relative_to(root))
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None  # not measured (or undefined): JSON has no NaN, and a report shows a gap
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -37,9 +43,16 @@ def record_metrics(run_dir: str | os.PathLike, section: str, metrics: dict[str, 
     path = Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = load_metrics(run_dir)
-    data[section] = {**_jsonable(metrics), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data[section] = {**_jsonable(metrics, Path(run_dir).resolve()), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _shown(path: Path) -> Path:
+    """A run directory as a report names it: relative to where the command runs (the repository,
+    for `make run`) when inside it, so a committed report holds no machine path."""
+    path = path.resolve()
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -396,7 +409,7 @@ def render_report(runs: list[str | os.PathLike], out: str | os.PathLike | None =
     metrics = load_metrics(first)
     paper = _resource("paper_results.json")
     md = ["# TinyMIM reproduction report", "",
-          f"Run{'s' if len(run_dirs) > 1 else ''}: " + ", ".join(f"`{r}`" for r in run_dirs) + ". "
+          f"Run{'s' if len(run_dirs) > 1 else ''}: " + ", ".join(f"`{_shown(r)}`" for r in run_dirs) + ". "
           "Every run number below was measured by this run and recorded in its `metrics.json`; a gap says why.", ""]
     if len(run_dirs) > 1:
         md += ["## Runs side by side", "", *comparison_table(run_dirs), ""]

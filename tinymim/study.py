@@ -25,7 +25,7 @@ from .checkpoints import atomic_write, atomic_write_json
 from .config import cache_dir
 from .devices import environment
 from .launch import train_stage
-from .pipeline import REPO_ROOT, config_key, smoke_teacher
+from .pipeline import REPO_ROOT, config_key, copy_teacher, smoke_teacher, smoke_teacher_run
 from .presets import get_config
 from .reports import markdown_to_html
 from .robustness import evaluate_robustness
@@ -203,9 +203,9 @@ def _key(run: StudyRun) -> str:
 
 
 def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
-            nproc: int | None = None) -> dict[str, Any]:
-    """Train and evaluate one run (each stage resumes; `nproc` > 1 runs it under torchrun);
-    its result.json is the record."""
+            nproc: int | None = None, cluster: dict | None = None) -> dict[str, Any]:
+    """Train and evaluate one run (each stage resumes; `nproc` > 1 runs it under torchrun,
+    `cluster` as SLURM jobs); its result.json is the record."""
     result_path = run.root / "result.json"
     key = _key(run)
     if result_path.exists():
@@ -219,7 +219,8 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
         if name == "robustness":
             continue
         t = time.perf_counter()
-        results[name] = train_stage(cfg.stage, cfg, run.root / name, device, nproc, progress, log=lambda line: None)
+        results[name] = train_stage(cfg.stage, cfg, run.root / name, device, nproc, progress, log=lambda line: None,
+                                    cluster=cluster)
         seconds[name] = time.perf_counter() - t
     ft = results["finetune"].metrics
     seg = results["segmentation"].metrics if "segmentation" in results else {"mIoU": None}
@@ -247,7 +248,8 @@ def default_out(budget: str) -> Path:
 
 def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1, 2), only: Sequence[str] | None = None,
               budget: str = "study", device: str | None = "auto", progress: bool = True,
-              log: Callable[[str], None] = print, nproc: int | None = None) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, nproc: int | None = None,
+              cluster: dict | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the study into `out` (None: `default_out(budget)`); returns every
     run's result. The teacher is the smoke profile's cached MAE micro teacher, copied into
     `out/teacher`."""
@@ -257,12 +259,13 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
         raise ValueError("seeds: at least one seed")
     out = Path(out) if out else default_out(budget)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = smoke_teacher(out / "teacher", BUDGETS[budget].teacher, progress=progress, device=device, nproc=nproc)
+    teacher = smoke_teacher(out / "teacher", BUDGETS[budget].teacher, progress=progress, device=device, nproc=nproc,
+                            cluster=cluster)
     runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher)
     start = time.perf_counter()
     results = []
     for i, run in enumerate(runs, start=1):
-        res = execute(run, device, progress, nproc)
+        res = execute(run, device, progress, nproc, cluster)
         results.append(res)
         miou = "—" if res["mIoU"] is None else f"{res['mIoU']:.1f}"
         log(f"[{i}/{len(runs)}] {run.arm.name}-s{run.seed}: top-1 {res['top1']:.1f}, mIoU {miou}, "
@@ -276,6 +279,42 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
              "train_seconds": round(sum(r["total_seconds"] for r in results), 1)}
     atomic_write_json(state, out / "study.json")
     return results
+
+
+class StudyRunJob:
+    """One (arm, seed) run of a detached study: one task of its SLURM job array, after the
+    teacher's job; its stages run in the task's own process."""
+
+    def __init__(self, run: StudyRun, teacher_cache: Path, device: str):
+        self.run, self.teacher_cache, self.device = run, teacher_cache, device
+
+    def __call__(self) -> dict[str, Any]:
+        copy_teacher(self.teacher_cache, self.run.root.parent.parent / "teacher")
+        return execute(self.run, self.device, progress=False)
+
+
+def submit_detached(out: str | os.PathLike | None, seeds: Sequence[int], only: Sequence[str] | None, budget: str,
+                    cluster: dict[str, Any], device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The study as SLURM jobs, returning at once: the teacher's MAE job (unless cached), then
+    every (arm, seed) run as one task of a job array after it. `run_study` later reads every
+    finished run's result.json and writes the report."""
+    from . import cluster as slurm
+
+    spec = slurm.Cluster.from_dict(cluster)
+    out = Path(out) if out else default_out(budget)
+    cfg, cache = smoke_teacher_run(BUDGETS[budget].teacher)
+    after = []
+    if not (cache / "teacher.pth").exists():
+        after = [slurm.submit("mae", cfg, cache, spec, device).job_id]
+        log(f"[sbatch] the study's MAE teacher: SLURM job {after[0]}")
+    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], out / "teacher" / "teacher.pth")
+    executor = spec.executor(out / "slurm", "tinymim-study", after, array=len(runs))
+    with executor.batch():
+        jobs = [executor.submit(StudyRunJob(r, cache, device)) for r in runs]
+    ids = {r.root.name: j.job_id for r, j in zip(runs, jobs)}
+    atomic_write_json({"teacher_job": after[0] if after else None, "runs": ids}, out / "slurm" / "study-jobs.json")
+    log(f"[sbatch] {len(runs)} runs as SLURM job array {jobs[0].job_id.split('_')[0]}")
+    return {"out": str(out), "teacher_job": after[0] if after else None, "runs": ids}
 
 
 # ---------------------------------------------------------------------------------
