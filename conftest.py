@@ -34,10 +34,14 @@ def slurm(tmp_path_factory):
     except under CI=true, where a missing SLURM fails the tests that need it."""
     from tests.local_slurm import LocalSlurm, install
 
+    refuse = pytest.fail if os.environ.get("CI") == "true" else pytest.skip
     why = install()
     if why:
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(why)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+        refuse(why)
+    try:
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    except (RuntimeError, OSError, KeyError) as e:  # e.g. not root: munged cannot run as `munge`
+        refuse(f"cannot start a local SLURM here: {e}")
     saved = {k: os.environ.get(k) for k in cluster.env}
     os.environ.update(cluster.env)  # submitit's sbatch/squeue/scancel/sacct find this cluster
     try:

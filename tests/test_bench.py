@@ -78,3 +78,19 @@ def test_bench_reads_peak_memory_of_the_timed_steps_only(monkeypatch):
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device: 1.0)
     bench.bench_finetune("micro_tiny", batch=2, steps=1, device="cpu")
     assert calls == ["flops", "reset", "timed"]
+
+
+def test_benchmarks_page_is_written_from_the_records(tmp_path):
+    """`bench ... --write`: each record kept under its own name (measuring again replaces it),
+    and BENCHMARKS.md regenerated from all of them -- every figure on the page is a record's."""
+    from tinymim import bench_report
+
+    distill = bench.bench_distill("micro_tiny", "micro_base", batch=4, steps=1, device="cpu")
+    ft = bench.bench_eval("micro_tiny", batch=4, steps=1, device="cpu")
+    for record in (distill, ft, ft):
+        bench_report.save(record, tmp_path)
+    kept = sorted(p.name for p in (tmp_path / "reports" / "bench").iterdir())
+    assert kept == ["distill-micro_tiny-micro_base-fp32-cpu.json", "eval-micro_tiny-fp32-cpu.json"]
+    page = (tmp_path / "BENCHMARKS.md").read_text()
+    assert f"**{distill['speedup_same_precision']}**" in page and str(ft["images_per_s"]) in page
+    assert "micro_tiny <- micro_base" in page and "measured on" in page

@@ -123,6 +123,7 @@ def test_bench(capsys):
     assert set(json.loads(capsys.readouterr().out)["pipelines"]) == {"pretrain", "finetune"}
 
 
+@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
 def test_study(tmp_path, capsys):
     """The study command runs notebook 08 through papermill into --out; a bad row fails first."""
     out = tmp_path / "study"

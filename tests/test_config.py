@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from importlib import resources
 
 import pytest
@@ -83,7 +81,17 @@ def test_bad_overrides_name_the_key(overrides, words):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tinymim", *args], capture_output=True, text=True)
+    """`tinymim ARGS` in this process (the CLI's own `main`; a subprocess would spend its time importing)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from tinymim.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_cli_prints_acceptance_values():

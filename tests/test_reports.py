@@ -130,3 +130,20 @@ def test_a_stage_without_a_config_record_is_said(section):
     m = _metrics()
     del m[section]["config"]
     assert any(f"— ({section} recorded no config)" == line for line in reports.hyperparameter_tables(m))
+
+
+def test_committed_records_name_no_machine_path(tmp_path, monkeypatch):
+    """Paths inside the run are recorded relative to it, and the report names the run relative
+    to where the command runs (the repository for `make run`), so committed files hold no
+    machine's folders; a path outside the run stays as it is."""
+    run = tmp_path / "run"
+    reports.record_metrics(run, "02_distill_pretrain", {"student_path": run / "02_distill_pretrain" / "student.pth",
+                                                       "teacher": str(run / "01_models" / "teacher.pth"),
+                                                       "data": "/data/imagenet"})
+    section = reports.load_metrics(run)["02_distill_pretrain"]
+    assert section["student_path"] == "02_distill_pretrain/student.pth"
+    assert section["teacher"] == "01_models/teacher.pth" and section["data"] == "/data/imagenet"
+    _write(run, _metrics())
+    monkeypatch.chdir(tmp_path)
+    reports.render_report([run])
+    assert (run / "REPORT.md").read_text().splitlines()[2].startswith("Run: `run`.")

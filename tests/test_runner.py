@@ -56,6 +56,7 @@ def test_only_selects_by_number(notebooks):
         list_notebooks(notebooks, ["09"])
 
 
+@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
 def test_the_study_notebook_runs_only_when_named(notebooks, tmp_path):
     _notebook(notebooks / "08_ablations.ipynb", "from tinymim.reports import record_metrics\n"
                                                 "record_metrics(run_dir, '08', {'value': 8})")
@@ -73,6 +74,7 @@ def test_metrics_refuse_non_data(tmp_path):
     assert load_metrics(tmp_path)["a"]["x"] == 1.5
 
 
+@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
 def test_a_torn_runner_state_reruns_instead_of_failing(notebooks, tmp_path):
     out = tmp_path / "run"
     run("smoke", out, notebooks_dir=notebooks, log=lambda *_: None)

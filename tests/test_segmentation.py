@@ -95,6 +95,7 @@ def test_ade20k_recipe_retries_a_crop_that_one_class_dominates(monkeypatch):
     assert torch.equal(m, mask[:100, :100]) and (m == 2).float().mean() == 0.36
 
 
+@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
 def test_segmentation_trains_end_to_end_on_synthetic(tmp_path):
     cfg = get_config("segmentation", "micro_tiny", "smoke",
                      {"steps": "3", "warmup_steps": "1", "batch_size": "8", "data_limit": "32", "log_every": "1"})

@@ -101,6 +101,7 @@ def test_report_refuses_an_empty_study(tmp_path):
         render_study(tmp_path)
 
 
+@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
 def test_a_study_resumes_without_training_again(tmp_path, monkeypatch):
     first = study.run_study(tmp_path, seeds=[0], only=["a"], budget="tiny", progress=False, log=lambda _: None)
     assert {r["arm"] for r in first} == {"scratch", "relation", "teacher"}

@@ -141,7 +141,11 @@ def _data(records: list[dict[str, Any]]) -> list[str]:
                 for stage, modes in r["pipelines"].items() for mode, row in modes.items()]
         out += ["## The input pipeline", "",
                 f"{r['images']} ImageNet-like JPEGs ({r['image_size']}, {r['jpeg_kb']} kB mean) to "
-                f"{r['input_size']} px; {r['note']}; measured on {_where(r)}, device `{r['device']}`.", "",
+                f"{r['input_size']} px; {r['note']}; measured on {_where(r)}, device `{r['device']}`. Modes "
+                "(`augment`): `reference` = torchvision's ImageFolder with the release's PIL transforms; `host` = "
+                "workers decode, crop and resize, uint8 out, jitter and normalisation on the device; `device` = "
+                "workers decode, the device crops, resizes and jitters; `device+decode` = workers read the file "
+                "bytes, the device decodes (nvJPEG on a GPU).", "",
                 *_table(["stage", "mode", "worker ms/image", "images/s per core", "vs reference",
                          "KiB handed to the device per sample", "device ms/image"], rows)]
     return out

@@ -131,18 +131,19 @@ class StageJob(submitit.helpers.Checkpointable):
         if "OMP_NUM_THREADS" not in os.environ and "SLURM_CPUS_PER_TASK" in os.environ:
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # the task's CPUs, not the node's
         folder = job_folder(Path(self.run_dir))
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        restart, job_id = int(os.environ.get("SLURM_RESTART_COUNT", 0)), submitit.JobEnvironment().job_id
         if env.rank == 0:
             _append(folder / "attempts.jsonl", {
-                "job_id": submitit.JobEnvironment().job_id, "restart": restart,
+                "job_id": job_id, "restart": restart,
                 "world_size": env.world_size, "nodes": int(os.environ.get("SLURM_JOB_NUM_NODES", 1)),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         try:
             device = distributed.setup(self.device)
             return stages.get(self.stage).run(config_from_dict(self.config), self.run_dir, device=device)
         except Exception as e:
-            atomic_write_json({"task": env.rank, "restart": restart, "time": time.time(), "error": type(e).__name__,
-                               "message": " ".join(str(e).split())}, folder / f"error-task{env.rank}.json")
+            atomic_write_json({"task": env.rank, "job_id": job_id, "restart": restart, "time": time.time(),
+                               "error": type(e).__name__, "message": " ".join(str(e).split())},
+                              folder / f"error-task{env.rank}.json")
             raise
         finally:
             distributed.teardown()
@@ -163,9 +164,10 @@ def attempts(run_dir: Path) -> list[dict[str, Any]]:
 def task_error(run_dir: Path) -> dict[str, Any] | None:
     """The first error a task of the job's last attempt wrote (the others' are usually the
     collective that lost it); errors of an attempt that was requeued do not count."""
-    last = max((a["restart"] for a in attempts(run_dir)), default=0)
+    started = attempts(run_dir)
+    last = (started[-1]["job_id"], started[-1]["restart"]) if started else None
     errors = [json.loads(p.read_text()) for p in job_folder(run_dir).glob("error-task*.json")]
-    errors = [e for e in errors if e["restart"] == last]
+    errors = [e for e in errors if last is None or (e["job_id"], e["restart"]) == last]
     return min(errors, key=lambda e: e["time"]) if errors else None
 
 

@@ -33,6 +33,9 @@ class ConfigError(ValueError):
 ARCH_SHAPES: dict[str, dict[str, int]] = json.loads(resources.files("tinymim.resources").joinpath("archs.json").read_text())["archs"]
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: notebooks/, reports/
+
+
 def cache_dir(*parts: str) -> Path:
     """Where derived artefacts are cached (synthetic data, smoke teachers, corruptions):
     $TINYMIM_CACHE, default ~/.cache/tinymim."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .checkpoints import load_teacher
-from .config import FinetuneConfig, cache_dir
+from .config import REPO_ROOT, FinetuneConfig, cache_dir
 from .data import synthetic
 from .evaluation import features, linear_probe
 from .launch import train_stage
@@ -30,8 +30,6 @@ from .models import ModelSpec, build_model, model_spec
 from .presets import get_config
 from .stages import StageResult
 from .stats import Summary, mean_std, paired_gain
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class MissingInput(FileNotFoundError):

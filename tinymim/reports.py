@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write
+from .config import REPO_ROOT
 from .stats import Summary, mean_std, verdict
 
 
@@ -49,10 +50,14 @@ def record_metrics(run_dir: str | os.PathLike, section: str, metrics: dict[str, 
 
 
 def _shown(path: Path) -> Path:
-    """A run directory as a report names it: relative to where the command runs (the repository,
-    for `make run`) when inside it, so a committed report holds no machine path."""
+    """A run directory as a report names it: relative to the repository (where `make run`
+    writes) or else to where the command runs, when inside either, so a committed report
+    holds no machine path."""
     path = path.resolve()
-    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    for root in (REPO_ROOT, Path.cwd()):
+        if path.is_relative_to(root):
+            return path.relative_to(root)
+    return path
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:

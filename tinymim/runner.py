@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write
-from .pipeline import REPO_ROOT, resolve_run_dir
+from .config import REPO_ROOT
+from .pipeline import resolve_run_dir
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 # run only when named (`--only 08`, `tinymim study`): the study is its own hour, not part of a pipeline run

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write, atomic_write_json
-from .config import cache_dir
+from .config import REPO_ROOT, cache_dir
 from .devices import environment
 from .launch import train_stage
-from .pipeline import REPO_ROOT, config_key, copy_teacher, smoke_teacher, smoke_teacher_run
+from .pipeline import config_key, copy_teacher, smoke_teacher, smoke_teacher_run
 from .presets import get_config
 from .reports import markdown_to_html
 from .robustness import evaluate_robustness
