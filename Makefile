@@ -13,10 +13,10 @@ run: .venv/.installed  ## the whole notebook pipeline on the built-in default (s
 	$(PY) -m tinymim run --profile smoke
 
 test: .venv/.installed chromium slurm  ## unit tests + every notebook under nbmake (a cell may train for minutes: 30-min cell limit)
-	$(PY) -m pytest tests --nbmake --nbmake-timeout=1800 notebooks -p no:cacheprovider
+	$(PY) -m pytest tests --nbmake --nbmake-timeout=1800 notebooks -p no:cacheprovider --durations=25
 
 unit: .venv/.installed  ## the edit-test loop: every test but the notebooks and the browser
-	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider -q
+	$(PY) -m pytest tests -m "not slow" -p no:cacheprovider -q --durations=10
 
 lab: .venv/.installed  ## the notebooks in JupyterLab, with this kit's environment as the kernel
 	.venv/bin/jupyter lab notebooks

@@ -123,16 +123,20 @@ def test_bench(capsys):
     assert set(json.loads(capsys.readouterr().out)["pipelines"]) == {"pretrain", "finetune"}
 
 
-@pytest.mark.slow  # whole notebooks or studies: `make test`, not `make unit`
-def test_study(tmp_path, capsys):
-    """The study command runs notebook 08 through papermill into --out; a bad row fails first."""
+def test_study(tmp_path, capsys, monkeypatch):
+    """The study command runs notebook 08 through the runner into --out with its parameters (nbmake
+    executes notebook 08 itself, and tests/test_study.py the study); a bad row fails first."""
+    from tinymim import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append((a, k)) or runner.RunResult(tmp_path / "study"))
     out = tmp_path / "study"
-    assert main(["study", "--budget", "tiny", "--seeds", "1", "--only", "a", "--out", str(out)]) == 0
+    assert main(["study", "--budget", "tiny", "--seeds", "2", "--only", "a", "--out", str(out)]) == 0
     assert str(out / "REPORT.md") in capsys.readouterr().out
-    assert (out / "notebooks" / "08_ablations.ipynb").exists() and (out / "report.html").exists()
-    results = json.loads((out / "metrics.json").read_text())["runs"]
-    assert {r["arm"] for r in results} == {"scratch", "relation", "teacher"}
-    assert "| (c) vs (a) |" in (out / "REPORT.md").read_text()
+    ((args, kwargs),) = calls
+    assert args == ("smoke", str(out), ["08"])
+    assert {k: kwargs["parameters"][k] for k in ("seeds", "only", "budget", "cluster")} == {
+        "seeds": [0, 1], "only": ["a"], "budget": "tiny", "cluster": None}
     assert main(["study", "--only", "a,z", "--out", str(tmp_path / "bad")]) == 1
     assert "unknown row(s) ['z']" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
@@ -208,3 +212,12 @@ def test_check_data_lists_every_unreadable_image(tmp_path, capsys):
     assert main(["check-data", str(tmp_path)]) == 1
     out = capsys.readouterr()
     assert "bad.JPEG" in out.out and "empty.png" in out.out and "2 of 5 images" in out.err
+
+
+def test_submit_refuses_a_bad_job_shape_before_anything_is_submitted(tmp_path, capsys):
+    """The SLURM paths themselves run against a real SLURM in tests/test_cluster.py."""
+    assert main(["submit", "finetune", "--out", str(tmp_path), "--time", "90min", *TINY]) == 1
+    assert "cluster.time: expected [D-]H:MM" in capsys.readouterr().err
+    assert main(["submit", "finetune", "--out", str(tmp_path), "--nodes", "0", *TINY]) == 1
+    assert "cluster.nodes: expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "slurm").exists()

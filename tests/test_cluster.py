@@ -211,14 +211,16 @@ def test_a_detached_run_chains_its_notebooks_and_a_later_run_reads_them(slurm, w
 
 
 def test_a_detached_study_is_a_teacher_job_and_a_job_array_a_later_study_reads(slurm, work):
-    from tinymim import study
+    from tinymim import pipeline, study
 
     out = work / "study"
+    cached = (pipeline.smoke_teacher_run(study.BUDGETS["tiny"].teacher)[1] / "teacher.pth").exists()  # earlier tests
     done = subprocess.run([sys.executable, "-m", "tinymim", "study", "--budget", "tiny", "--seeds", "1", "--only", "a",
                            "--out", str(out), "--device", "cpu", "--cluster", "slurm", "--time", "0:10", "--detach"],
                           capture_output=True, text=True, timeout=120, check=True)
     jobs = json.loads(done.stdout.strip().splitlines()[-1])
-    assert jobs["teacher_job"] and all("_" in j for j in jobs["runs"].values())  # array tasks: <array id>_<index>
+    assert (jobs["teacher_job"] is None) == cached  # the teacher's job only when no finished one is cached
+    assert all("_" in j for j in jobs["runs"].values())  # array tasks: <array id>_<index>
 
     def finished() -> bool:
         return all((out / "runs" / name / "result.json").exists() for name in jobs["runs"])

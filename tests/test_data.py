@@ -81,3 +81,22 @@ def test_ade20k_image_without_annotation_fails_at_construction(tmp_path):
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "images" / "training" / "b.jpg")
     with pytest.raises(DataError, match=r"b\.jpg: no annotation"):
         ADE20K(tmp_path)
+
+
+def test_data_limit_on_a_sorted_folder_is_a_stratified_subset_that_names_missing_classes(tmp_path):
+    """A folder lists its files class by class: the first N would be one or two classes (issue:
+    both arms at one class's share of val, silently). data_limit draws per class instead."""
+    from types import SimpleNamespace
+
+    from tinymim.data import train_source
+
+    _write_image_folder(tmp_path / "train", ["ant", "bee", "cat"], n=6)
+    cfg = SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=0)
+    subset = train_source(cfg)
+    assert sorted(subset.target(i) for i in range(len(subset))) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    again = train_source(cfg)
+    assert [again.target(i) for i in range(9)] == [subset.target(i) for i in range(9)]  # seeded by data_seed
+    other = train_source(SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=1))
+    assert other.indices != subset.indices
+    with pytest.raises(DataError, match=r"data_limit=2 of 18 images would leave out 1 class\(es\) \['cat'\]"):
+        train_source(SimpleNamespace(data=str(tmp_path), data_limit=2, data_seed=0))

@@ -49,9 +49,43 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     raise DataError(f"{path}: no '{split}' folder under the dataset root {root}")
 
 
-def limit(source: Any, n: int | None) -> Any:
-    """The first `n` samples of `source` (config `data_limit`: quick trials on real folders)."""
-    return source if n is None or n >= len(source) else Subsample(source, list(range(n)))
+def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[int]:
+    """`n` sample indices drawn per class in proportion to the class sizes (largest remainders,
+    at least one each), seeded, in file order. The first `n` files of a folder are sorted by class -- a few classes
+    only -- so `data_limit` draws this instead, and refuses a subset that would miss a class."""
+    import numpy as np
+
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    classes = sorted(by_class)
+    shares = [n * len(by_class[c]) / len(labels) for c in classes]
+    quota = [int(x) for x in shares]
+    for k in sorted(range(len(classes)), key=lambda k: (quota[k] - shares[k], k))[:n - sum(quota)]:
+        quota[k] += 1
+    missed = [names[c] for c, q in zip(classes, quota) if q == 0]
+    if missed and n >= len(classes):  # room for every class: one image each from the largest quotas
+        for k in [k for k, q in enumerate(quota) if q == 0]:
+            quota[max(range(len(quota)), key=lambda j: quota[j])] -= 1
+            quota[k] = 1
+        missed = []
+    if missed:
+        raise DataError(f"data_limit={n} of {len(labels)} images would leave out {len(missed)} class(es) "
+                        f"{missed[:5]}{' ...' if len(missed) > 5 else ''}: a stratified subset needs at least one image "
+                        f"per class; raise data_limit (or drop it)")
+    picked: list[int] = []
+    for c, q in zip(classes, quota):
+        rng = np.random.default_rng([seed, c])
+        picked += [by_class[c][j] for j in rng.permutation(len(by_class[c]))[:q]]
+    return sorted(picked)
+
+
+def limit(source: Any, n: int | None, seed: int = 0) -> Any:
+    """At most `n` samples of a folder `source` (config `data_limit`), stratified by class
+    (`stratified`, seeded by `data_seed`, so every run seed sees the same subset)."""
+    if n is None or n >= len(source):
+        return source
+    return Subsample(source, stratified([t for _, t in source.samples], n, seed, source.classes))
 
 
 def train_source(cfg: Any, split: str = "train", classes: list[str] | None = None, masks: bool = False) -> Any:
@@ -61,7 +95,7 @@ def train_source(cfg: Any, split: str = "train", classes: list[str] | None = Non
     if cfg.data == "synthetic":
         ds = synthetic(split, cfg, size=cfg.data_limit)
         return MemoryImages(ds.images, ds.labels, ds.masks if masks else None)
-    return limit(ImageNetFolder(split_dir(cfg.data, "train"), classes=classes), cfg.data_limit)
+    return limit(ImageNetFolder(split_dir(cfg.data, "train"), classes=classes), cfg.data_limit, cfg.data_seed)
 
 
 def batches(cfg: Any, source: Any, recipe: Any, rank: int = 0, world_size: int = 1) -> LoaderBatches:
@@ -74,5 +108,5 @@ __all__ = [
     "ADE20K", "Augmented", "Classify", "DataError", "IGNORE_INDEX", "ImageNetFolder", "LoaderBatches",
     "MemoryImages", "SHAPES", "SMOKE_SPLITS", "Segment", "Subsample", "SyntheticShapes", "SyntheticSpec",
     "TensorBatches", "Views", "batches", "check_images", "decode_file", "folder_classes", "limit", "open_rgb",
-    "reduce_zero_label", "resource_lines", "split_dir", "synthetic", "train_source",
+    "reduce_zero_label", "resource_lines", "split_dir", "stratified", "synthetic", "train_source",
 ]
