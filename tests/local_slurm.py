@@ -123,14 +123,38 @@ class LocalSlurm:
         self.stop()
         raise RuntimeError(f"local SLURM node not idle after {timeout} s (sinfo: {state!r}); logs in {self.root}")
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 20) -> None:
+        """Cancel every job and wait for the queue to drain (a daemon killed under a running job
+        leaves its tasks behind), kill the daemons, then anything still running with this
+        cluster's SLURM_CONF in its environment."""
+        env = os.environ | self.env
+        if self.env:
+            subprocess.run(["scancel", "--full", "--partition", "debug"], env=env, capture_output=True)
+            deadline = time.monotonic() + drain_s
+            while time.monotonic() < deadline and subprocess.run(
+                    ["squeue", "-h", "-t", "PD,R,CG,RQ,S", "-o", "%i"], env=env, capture_output=True,
+                    text=True).stdout.strip():
+                time.sleep(0.3)
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, 15)
             except ProcessLookupError:
                 pass
         self.pids.clear()
+        if self.env:
+            _kill_left_over(f"SLURM_CONF={self.env['SLURM_CONF']}".encode())
         shutil.rmtree(self._munge_parent, ignore_errors=True)
+
+
+def _kill_left_over(marker: bytes) -> None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), 9)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
