@@ -27,3 +27,15 @@ def make_tiny_run(root) -> pipeline.RunLayout:
     run.segmentation.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": build_segmenter(cfg).state_dict(), "config": cfg.to_dict()}, run.segmentation / "model.pth")
     return run
+
+
+def micro_teacher(path):
+    """An untrained micro_base saved as a teacher (seed 0), for the launch and cluster tests."""
+    torch.manual_seed(0)
+    return save_model(build_model(ModelSpec.create("micro_base")), path)
+
+
+def same_weights(a, b) -> bool:
+    """Two checkpoints hold the same tensors, bit for bit."""
+    x, y = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

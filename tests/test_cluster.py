@@ -2,23 +2,21 @@
 the commands of docs/clusters.md with one node and CPU tasks (gloo). Each test submits into a
 folder of its own (job ids restart with the cluster, and submitit reads results by id)."""
 
+import _thread
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-import _thread
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
+from runs import micro_teacher, same_weights
 
 from tinymim import cluster as slurm_jobs
 from tinymim import launch, stages
-from tinymim.checkpoints import save_model
-from tinymim.models import ModelSpec, build_model
 from tinymim.presets import get_config
 
 pytestmark = pytest.mark.slow  # real jobs: each task is a Python process that imports torch
@@ -29,14 +27,6 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TINY = {"steps": 30, "warmup_steps": 1, "batch_size": 16, "data_limit": 64, "log_every": 1, "ckpt_every": 5,
         "amp": "none", "drop_path": 0.0}
 
-
-def _weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def _same(a, b) -> bool:
-    a, b = _weights(a), _weights(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _sets(teacher) -> list[str]:
@@ -50,8 +40,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(work):
-    torch.manual_seed(0)
-    return save_model(build_model(ModelSpec.create("micro_base")), work / "teacher.pth")
+    return micro_teacher(work / "teacher.pth")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def test_submit_gives_the_torchrun_student(slurm, work, teacher, torchrun_studen
     assert head.startswith("submitted pretrain as SLURM job") and "1 node(s) x 2 task(s)" in head
     assert "scancel" in done.stdout and "1_0_log.out" not in last
     assert json.loads(last)["path"] == str(out / "student.pth")
-    assert _same(torchrun_student, out / "student.pth")
+    assert same_weights(torchrun_student, out / "student.pth")
     (attempt,) = slurm_jobs.attempts(out)
     assert attempt["world_size"] == 2 and attempt["restart"] == 0
 
@@ -95,7 +84,7 @@ def test_a_notebook_cell_with_a_cluster_returns_the_in_process_result(slurm, wor
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     text = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.output_type == "stream")
     assert f"top1 {local.metrics['top1']}" in text and "SLURM job" in text
-    assert _same(local.path, out / "model.pth")
+    assert same_weights(local.path, out / "model.pth")
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
@@ -126,7 +115,7 @@ def test_a_requeued_job_finishes_with_the_uninterrupted_weights(slurm, work, tea
     result = launch.follow(job, "pretrain", out, progress=False)
     assert [a["restart"] for a in slurm_jobs.attempts(out)] == [0, 1], "the signal came after the run ended"
     assert result.metrics["step"] == TINY["steps"]
-    assert _same(torchrun_student, out / "student.pth")
+    assert same_weights(torchrun_student, out / "student.pth")
 
 
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, work, teacher):

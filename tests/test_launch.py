@@ -11,10 +11,9 @@ import nbformat
 import pytest
 import torch
 from nbclient import NotebookClient
+from runs import micro_teacher, same_weights
 
 from tinymim import launch
-from tinymim.checkpoints import save_model
-from tinymim.models import ModelSpec, build_model
 from tinymim.presets import get_config
 
 TINY = {"steps": 4, "warmup_steps": 1, "batch_size": 16, "data_limit": 64, "log_every": 1, "ckpt_every": 2,
@@ -32,9 +31,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -43,8 +39,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(work):
-    torch.manual_seed(0)
-    return save_model(build_model(ModelSpec.create("micro_base")), work / "teacher.pth")
+    return micro_teacher(work / "teacher.pth")
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +71,7 @@ def test_a_notebook_cell_launches_torchrun_and_gets_the_cli_student(work, teache
     assert '"stage": "pretrain"' in text  # the ranks' own output, streamed into the cell
     assert '{"tinymim": "progress"' not in text  # rank 0's progress drove the bar, it was not printed
     assert widgets or "pretrain x2" in text  # the progress bar: a widget in a kernel (text without ipywidgets)
-    a, b = _weights(cli_student), _weights(out / "student.pth")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(cli_student, out / "student.pth")
     # a second call reads the finished run instead of launching again
     assert launch.train_stage("pretrain", cfg, out, device="cpu", nproc=2, log=lambda line: None).path == out / "student.pth"
 
@@ -94,8 +88,7 @@ def test_two_nodes_on_localhost_give_the_one_node_student(work, teacher, cli_stu
              for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
-    a, b = _weights(cli_student), _weights(out / "student.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(cli_student, out / "student.pth")
     one = [json.loads(line)["loss"] for line in (cli_student.parent / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert one == two
