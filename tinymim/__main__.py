@@ -119,6 +119,22 @@ def cmd_run(args: argparse.Namespace) -> None:
                                                  if result.waiting else ""))
 
 
+def _data_arg(data: str) -> str:
+    """--data: a built-in dataset's name, or a folder (checked now, made absolute: notebooks run
+    in their own working directory)."""
+    from pathlib import Path
+
+    from .data import BUILTIN, DataError, classes_of
+
+    if data in BUILTIN:
+        return data
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"--data {data}: neither a built-in dataset ({', '.join(BUILTIN)}) nor a folder")
+    classes_of(str(root))  # train/ class folders exist (an empty class folder is named by the loader)
+    return str(root)
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from .runner import run
     from .study import BUDGETS, default_out, select_arms
@@ -129,16 +145,18 @@ def cmd_study(args: argparse.Namespace) -> None:
     select_arms(only)  # an unknown row fails here, before the notebook starts
     if args.budget not in BUDGETS:
         raise ValueError(f"--budget: expected one of {sorted(BUDGETS)}, got {args.budget!r}")
-    out = args.out or default_out(args.budget)
+    data = _data_arg(args.data)
+    out = args.out or default_out(args.budget, data)
     if args.detach:
         from .study import submit_detached
 
         if not args.cluster:
             raise ValueError("--detach: needs --cluster slurm")
         print(json.dumps(submit_detached(out, range(args.seeds), only, args.budget, _cluster_from(args).to_dict(),
-                                         args.device or "auto")))
+                                         args.device or "auto", data=data)))
         return
     params = {"seeds": list(range(args.seeds)), "only": only, "budget": args.budget, "device": args.device or "auto",
+              "data": data,
               "nproc": args.nproc, "cluster": _cluster_from(args).to_dict() if args.cluster else None}
     result = run("smoke", out, ["08"], parameters=params)
     print(f"study: {result.run_dir / 'REPORT.md'} (executed notebook: {result.run_dir / 'notebooks'})")
@@ -331,7 +349,10 @@ def _args_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
     p.add_argument("--only", default=None, help="comma-separated rows a-i (default: all; scratch and the "
                                                "teacher always run, and what each row is compared with)")
-    p.add_argument("--out", default=None, help="study directory (default: reports/study)")
+    p.add_argument("--out", default=None, help="study directory (default: reports/study, reports/study-digits; "
+                                              "a folder's study: the cache)")
+    p.add_argument("--data", default="synthetic", help="synthetic (default) | digits | a folder with train/ and val/ "
+                                                       "class folders")
     p.add_argument("--budget", default="study", help="study (about 20 min per seed here) | tiny (a machinery check)")
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
     p.add_argument("--nproc", type=int, default=None,

@@ -87,9 +87,9 @@ class BaseConfig:
     profile: str = "smoke"
     model: str = "micro_tiny"
     seed: int = 0  # training randomness: init, data order, augmentation
-    data: str = "synthetic"  # "synthetic" or a dataset root folder
-    data_seed: int = 0  # the synthetic dataset itself: fixed while `seed` varies the training
-    data_limit: int | None = None  # use only the first N training images (quick trials)
+    data: str = "synthetic"  # a built-in dataset (synthetic, digits) or a dataset root folder
+    data_seed: int = 0  # the built-in datasets and every data_limit subset: fixed while `seed` varies the training
+    data_limit: int | None = None  # train on a stratified subset of N images (seeded by data_seed; data.json says which)
     input_size: int = 32
     batch_size: int = 256  # effective batch (per step, all devices, after accumulation)
     micro_batch_size: int | None = None  # per device and forward pass; None = batch_size / world
@@ -186,7 +186,7 @@ class FinetuneConfig(BaseConfig):
     """ImageNet-1K fine-tuning following MAE (Table 2)."""
 
     stage: ClassVar[str] = "finetune"
-    num_classes: int = 10
+    num_classes: int | None = None  # None = the data's classes (resolved by presets.get_config)
     pretrained: str | None = None  # checkpoint path; None = from scratch
     pretrain_epochs: int = 300  # selects ViT-B's drop path (Table 2 footnote)
     heads: int | None = None  # uniform head count; None = the checkpoint's recorded layout (or the model's)

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoints import CheckpointError, atomic_save, atomic_write, sweep_temp_files
+from .checkpoints import CheckpointError, atomic_save, atomic_write, atomic_write_json, sweep_temp_files
 from .config import BaseConfig, derive_seed
 from .devices import autocast_dtype
 from .models import choose_attention_kernel, set_fused_attention
@@ -411,6 +411,9 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = start_run(task, batches, cfg, run_dir, distributed.setup(device), optimize, layer_decay)
+    record = getattr(batches, "record", None)
+    if record is not None and distributed.world()[0] == 0:
+        atomic_write_json(record, run_dir / "data.json")  # which images: a subset is stated, never implied
     if run.step >= run.plan.steps:
         return _last_metrics(run_dir) | {"done": True}
     end = run.plan.steps if stop_after is None else min(run.plan.steps, run.step + stop_after)

@@ -10,6 +10,7 @@ that 3.75 M ImageNet-C images never hold their logits in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,25 @@ def eval_transform(input_size: int, resize: int | None):
 
     steps = [T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC)] if resize else []
     return T.Compose([*steps, T.CenterCrop(input_size), T.PILToTensor()])
+
+
+def eval_tensors(cfg: Any, split: str, classes: Sequence[str] | None = None,
+                 n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of the config's data as evaluation sees it, in memory: uint8 N x 3 x S x S
+    images and their labels -- a built-in split, or `<data>/<split>` class folders (labelled
+    by `classes`; None: the sorted train folders) through MAE's evaluation crop. `n`: a
+    stratified subset of that many (`data.limit`, seeded by `data_seed`), never the first n.
+    What the linear probes and the synthesised -C copy read."""
+    from .data import ImageNetFolder, MemoryImages, builtin, classes_of, is_builtin, limit, split_dir
+
+    if is_builtin(cfg.data):
+        ds = builtin(split, cfg)
+        pick = limit(MemoryImages(ds.images, ds.labels, classes=ds.classes), n, cfg.data_seed).indices
+        return ds.images[pick], ds.labels[pick]
+    folder = ImageNetFolder(split_dir(cfg.data, split), classes=classes or classes_of(cfg.data),
+                            transform=eval_transform(cfg.input_size, eval_resize(cfg.input_size)))
+    items = [folder[i] for i in limit(folder, n, cfg.data_seed).indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 def inference_autocast(device: torch.device):

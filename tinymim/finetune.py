@@ -38,10 +38,12 @@ from .data import (
     ImageNetFolder,
     LoaderBatches,
     batches,
+    builtin,
+    classes_of,
     folder_classes,
+    is_builtin,
     resource_lines,
     split_dir,
-    synthetic,
     train_source,
 )
 from .devices import loader_options, resolve_device
@@ -125,8 +127,13 @@ def recipe(cfg: FinetuneConfig, device: torch.device | None = None) -> Classify:
 def label_space(cfg: FinetuneConfig) -> list[str] | None:
     """The classes a classifier trained on folders predicts, label i = classes[i]: the
     1000 ImageNet-1K wnids for a 1000-way model on wnid folders, else the train folders
-    sorted. Checked against `num_classes` before any training; None for synthetic data."""
-    if cfg.data == "synthetic":
+    sorted. Checked against `num_classes` before any training; None for a built-in dataset
+    (its labels are its classes' positions)."""
+    if is_builtin(cfg.data):
+        classes = classes_of(cfg.data)
+        if cfg.num_classes < len(classes):
+            raise DataError(f"num_classes: {cfg.data} has {len(classes)} classes, the config says {cfg.num_classes}; "
+                            f"drop num_classes (it defaults to the data's) or set num_classes={len(classes)}")
         return None
     train = split_dir(cfg.data, "train")
     found = folder_classes(train)
@@ -151,7 +158,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
     """
     run_dir = Path(run_dir)
     classes = label_space(cfg)  # inputs are checked before any training: classes, val split, teacher
-    if cfg.data != "synthetic":
+    if not is_builtin(cfg.data):
         val = split_dir(cfg.data, "val")
         unknown = sorted(set(folder_classes(val)) - set(classes or []))
         if unknown:
@@ -181,13 +188,13 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch.device | None = "auto",
              batch_size: int = 250, classes: list[str] | None = None) -> dict[str, float]:
-    """Top-1/top-5 (%) on the config's data: the synthetic split, or `<data>/<split>`
+    """Top-1/top-5 (%) on the config's data: the built-in split, or `<data>/<split>`
     class folders read with MAE's evaluation transform (`eval_resize`), labelled by the
     model's `classes` (the list recorded at training; None: the ImageNet-1K order for wnid
     folders). Under torchrun each rank evaluates its shard and the counts are summed."""
     device = resolve_device(device)
-    if cfg.data == "synthetic":
-        ds = synthetic(split, cfg)
+    if is_builtin(cfg.data):
+        ds = builtin(split, cfg)
         mine = list(distributed.shard(len(ds)))
         logits, labels = predict(model, ds.images[mine], device=device, batch_size=batch_size)[0], ds.labels[mine]
     else:

@@ -23,8 +23,8 @@ import torch
 
 from .checkpoints import load_teacher
 from .config import REPO_ROOT, FinetuneConfig, cache_dir
-from .data import synthetic
-from .evaluation import features, linear_probe
+from .data import describe
+from .evaluation import eval_tensors, features, linear_probe
 from .launch import train_stage
 from .models import ModelSpec, build_model, model_spec
 from .presets import get_config
@@ -263,11 +263,11 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, devi
 
 
 def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -> dict[str, float]:
-    """Linear probe of `model`'s frozen features on the synthetic labelled split (the
-    config's `data_limit` images, as fine-tuning sees them), scored on val."""
-    train, val = synthetic("train", cfg, size=cfg.data_limit), synthetic("val", cfg)
-    return linear_probe(features(model, train.images, device=device), train.labels,
-                        features(model, val.images, device=device), val.labels)
+    """Linear probe of `model`'s frozen features on the labelled training images (the config's
+    `data_limit` of them, the stratified subset fine-tuning sees), scored on val."""
+    (train_x, train_y), (val_x, val_y) = eval_tensors(cfg, "train", n=cfg.data_limit), eval_tensors(cfg, "val")
+    probe = linear_probe(features(model, train_x, device=device), train_y, features(model, val_x, device=device), val_y)
+    return probe | {"train_images": len(train_y), "val_images": len(val_y)}
 
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,
@@ -287,14 +287,17 @@ def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         random_init = build_model(ModelSpec.create(spec.arch, heads=spec.heads[0], img_size=spec.img_size))
+    teacher_probe = probe_model(teacher, cfg, device)
     return {
+        "data": describe(cfg.data),
         "chance_top1": 100.0 / cfg.num_classes,
-        "labelled_images": cfg.data_limit,
+        "labelled_images": teacher_probe["train_images"],
+        "val_images": teacher_probe["val_images"],
         "scratch_model": cfg.model,
         "scratch_steps": scratch["steps"],
         "scratch_seconds": scratch["train_seconds"],
         "scratch_top1": scratch["top1"],
         "scratch_top5": scratch["top5"],
-        "teacher_probe_top1": probe_model(teacher, cfg, device)["top1"],
+        "teacher_probe_top1": teacher_probe["top1"],
         "random_init_probe_top1": probe_model(random_init, cfg, device)["top1"],
     }

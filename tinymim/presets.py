@@ -117,6 +117,10 @@ def get_config(stage: str, model: str | None = None, profile: str = "smoke",
     if cls is FinetuneConfig and (overrides.get("dist_token") in (True, "true", "True") or values.get("dist_token")):
         values["global_pool"] = "token"  # DeiT pools the class and distillation tokens: record what runs
     cfg = _merge(cls, values, overrides)
+    if cls is FinetuneConfig and cfg.num_classes is None:
+        from .data import classes_of
+
+        cfg.num_classes = len(classes_of(cfg.data))  # not given: the data's classes (a folder's: train/'s)
     if cfg.blr is not None:
         cfg.lr = cfg.blr * cfg.batch_size / 256  # from the (possibly overridden) batch size
     cfg.validate()

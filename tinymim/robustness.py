@@ -34,9 +34,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import cache_dir, derive_seed
-from .data import DataError, ImageNetFolder, folder_classes, resource_lines, synthetic
+from .data import DataError, ImageNetFolder, describe, folder_classes, is_builtin, resource_lines
 from .devices import loader_options
-from .evaluation import argmax, eval_transform, predict
+from .evaluation import argmax, eval_tensors, eval_transform, predict
 
 ALEXNET = json.loads(resources.files("tinymim.resources").joinpath("imagenet_c_alexnet_err.json").read_text())
 CORRUPTIONS = tuple(ALEXNET["corruptions_15"])
@@ -280,15 +280,29 @@ def corruption_metrics(errors: dict[str, dict[int, float]], clean_error: float |
 # one call per model
 
 
+def _head_size(model: nn.Module) -> int | None:
+    head = getattr(model, "head", None)
+    return getattr(head, "out_features", None)
+
+
 def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = None, imagenet_r: str | None = None,
                         imagenet_c: str | None = None, baseline_errors: dict | None = None,
-                        device: str | torch.device | None = "auto") -> dict[str, Any]:
+                        device: str | torch.device | None = "auto",
+                        classes: list[str] | None = None) -> dict[str, Any]:
     """Everything that applies to `model` under `cfg`: ImageNet-A/R/C when their folders
-    are given; on synthetic data, its "-C" version made from the first `cfg.num_images`
-    val images (CE relative to `baseline_errors`, e.g. the scratch model's, when given)."""
-    if cfg.data != "synthetic" and not (imagenet_a or imagenet_r or imagenet_c):
-        raise DataError("nothing to evaluate: give the ImageNet-A, -R and/or -C folders "
-                        "(--imagenet-a/--imagenet-r/--imagenet-c; notebooks: imagenet_a=..., ...)")
+    are given (a 1000-way ImageNet model only); else the "-C" version the kit synthesises
+    from the first `cfg.num_images` val images of the config's own data -- the built-in
+    data or a folder's val/, labelled by `classes` -- under key `synthetic_c` (CE relative
+    to `baseline_errors`, e.g. the scratch model's, when given)."""
+    given = [n for n, root in (("--imagenet-a", imagenet_a), ("--imagenet-r", imagenet_r), ("--imagenet-c", imagenet_c))
+             if root]
+    if not given and not is_builtin(cfg.data) and not (Path(cfg.data) / "val").is_dir():
+        raise DataError(f"nothing to evaluate: {cfg.data} has no val/ folder to make a -C copy of; give the ImageNet-A, "
+                        f"-R and/or -C folders (--imagenet-a/--imagenet-r/--imagenet-c; notebooks: imagenet_a=..., ...)")
+    width = _head_size(model)
+    if given and width not in (None, 1000):
+        raise DataError(f"{', '.join(given)}: ImageNet-A/R/C are scored by a 1000-way ImageNet-1K classifier; this "
+                        f"model has a {width}-way head (evaluate it on its own data's -C: drop {given[0]})")
     # every input checked before any compute: folders present, class folders known
     wnids = set(resource_lines("imagenet_1k_wnids.txt"))
     roots = {name: root for name, root in (("imagenet_a", imagenet_a), ("imagenet_r", imagenet_r)) if root}
@@ -301,11 +315,12 @@ def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = Non
         if unknown:
             raise DataError(f"{path}: class folder(s) {unknown[:5]} are not {what} wnids")
     out: dict[str, Any] = {}
-    if cfg.data == "synthetic":
-        val = synthetic("val", cfg, size=cfg.num_images)
-        res = errors_on_tensors(model, val.images, val.labels, cfg.corruptions, cfg.severities, cfg.seed, device)
+    if not given:
+        images, labels = eval_tensors(cfg, "val", classes, cfg.num_images)
+        res = errors_on_tensors(model, images, labels, cfg.corruptions, cfg.severities, cfg.seed, device)
         out["synthetic_c"] = {**res, **corruption_metrics(res["errors"], res["clean"], baseline_errors,
-                                                          cfg.corruptions, cfg.severities, alexnet=False)}
+                                                          cfg.corruptions, cfg.severities, alexnet=False),
+                              "data": describe(cfg.data), "images": len(labels)}
     for name, root in (("imagenet_a", imagenet_a), ("imagenet_r", imagenet_r)):
         if root:
             out[name] = evaluate_subset(model, root, name, cfg.input_size, 256, cfg.batch_size, cfg.num_workers, device)

@@ -45,11 +45,12 @@ from .data import (
     IGNORE_INDEX,
     DataError,
     LoaderBatches,
-    MemoryImages,
     Segment,
     batches,
+    is_builtin,
     resource_lines,
     synthetic,
+    train_source,
 )
 from .data.transforms import normalize
 from .devices import resolve_device
@@ -288,10 +289,9 @@ def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def segmentation_batches(cfg: SegmentationConfig, rank: int = 0, world_size: int = 1) -> LoaderBatches:
     """The training crops: ADE20K's `training` split, or the synthetic labelled split with its
-    masks, through the same recipe."""
+    masks (`data_limit` of them, stratified by the main object's class), through the same recipe."""
     if cfg.data == "synthetic":
-        train = synthetic("train", cfg, size=cfg.data_limit)
-        source = MemoryImages(train.images, masks=train.masks)
+        source = train_source(cfg, "train", masks=True)
     else:
         source = ADE20K(cfg.data, "training", cfg.reduce_zero_label)
     return batches(cfg, source, recipe(cfg), rank, world_size)
@@ -404,6 +404,9 @@ def train_segmentation(cfg: SegmentationConfig, run_dir: str | os.PathLike, prog
                        device: str | torch.device | None = "auto") -> tuple[ViTUperNet, dict[str, Any]]:
     """UperNet fine-tuning per `cfg`, then evaluation; writes model.pth and eval.json."""
     run_dir = Path(run_dir)
+    if is_builtin(cfg.data) and cfg.data != "synthetic":
+        raise DataError(f"data: {cfg.data!r} has no masks; segmentation runs on the built-in synthetic data or an "
+                        f"ADE20K folder (images/ + annotations/)")
     if cfg.data != "synthetic":  # the validation split is checked before training, not after
         ADE20K(cfg.data, "validation", cfg.reduce_zero_label)
         if cfg.num_classes != 150:

@@ -1,9 +1,10 @@
-"""A small-scale reproduction study: do the paper's findings hold on the built-in data?
+"""A small-scale reproduction study: do the paper's findings hold on the built-in data (the
+synthetic shapes, the real handwritten digits) or a folder of your own?
 
 Each *arm* is one way of getting a micro ViT-T student (from scratch, MAE, or one
 distillation recipe); every arm is then fine-tuned, segmented and corruption-tested under
 one identical budget, over several seeds (a seed varies the student's init and data order
-in every stage; the MAE micro teacher is shared). Each *finding* compares two arms the way
+in every stage; the MAE micro teacher, trained on the study's own data, is shared). Each *finding* compares two arms the way
 the paper's ablation tables do, and gets a verdict computed from the numbers.
 
 Runs live under `<out>/runs/<arm>-s<seed>/` and every stage resumes (a finished stage with
@@ -23,6 +24,7 @@ from typing import Any
 
 from .checkpoints import atomic_write, atomic_write_json
 from .config import REPO_ROOT, cache_dir
+from .data import describe, has_masks, is_builtin
 from .devices import environment
 from .launch import train_stage
 from .pipeline import config_key, copy_teacher, smoke_teacher, smoke_teacher_run
@@ -60,7 +62,7 @@ BUDGETS = {
     # what reports/study was made with (its REPORT.md states the time): short enough for all arms
     # and 3 seeds within an hour on a 2-core CPU; the UperNet gets enough steps to leave the
     # majority-class floor at a narrower head
-    "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
+    "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=240, segmentation_steps=300,
                     segmentation_batch=16, segmentation_channels=32, corruption_images=200),
     # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
     "tiny": Budget(pretrain_steps=4, pretrain_batch=16, finetune_steps=4, segmentation_steps=2, segmentation_batch=8,
@@ -126,7 +128,7 @@ FINDINGS = [
 ]
 # metric -> (label, higher is better)
 PREMISE = Finding("the MAE teacher beats a scratch student (the study's premise)", "teacher", "scratch")
-METRICS = {"top1": ("top-1 (%)", True), "mIoU": ("mIoU (%)", True), "c_error": ("synthetic-C mean error (%)", False)}
+METRICS = {"top1": ("top-1 (%)", True), "mIoU": ("mIoU (%)", True), "c_error": ("-C mean error (%)", False)}
 ROWS = "abcdefghi"
 
 
@@ -155,22 +157,24 @@ class StudyRun:
     configs: dict[str, Any] = field(default_factory=dict)  # stage name -> config
 
 
-def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, teacher: Path) -> list[StudyRun]:
-    """Every (arm, seed) run with its stage configs, seed-major so that a partial study
-    already has every row."""
+def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, teacher: Path,
+         data: str = "synthetic") -> list[StudyRun]:
+    """Every (arm, seed) run with its stage configs on `data`, seed-major so that a partial
+    study already has every row; no segmentation on data without masks."""
     runs = []
+    on = {"data": data}
     for seed in seeds:
         for arm in arms:
             run = StudyRun(arm, seed, out / "runs" / f"{arm.name}-s{seed}")
             previous = str(teacher)
             if arm.mae:
-                run.configs["mae"] = get_config("mae", arm.model, "smoke", budget.pretrain() | {"seed": seed})
+                run.configs["mae"] = get_config("mae", arm.model, "smoke", budget.pretrain() | on | {"seed": seed})
             for i, stage in enumerate(arm.chain):
                 model = stage.get("model", arm.model)
                 teacher_name = TEACHER if i == 0 else arm.chain[i - 1].get("model", arm.model)
                 run.configs[f"pretrain{i}"] = get_config("pretrain", model, "smoke", budget.pretrain() | {
                     k: v for k, v in stage.items() if k != "model"} | {
-                    "teacher": teacher_name, "teacher_path": previous, "seed": seed})
+                    "teacher": teacher_name, "teacher_path": previous, "seed": seed} | on)
                 previous = str(run.root / f"pretrain{i}" / "student.pth")
             if arm.mae:
                 previous = str(run.root / "mae" / "teacher.pth")
@@ -181,19 +185,19 @@ def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, t
                   "warmup_steps": budget.finetune_steps // 8}
             if pretrained is None:
                 ft["layer_decay"] = 1.0  # no pre-trained hierarchy to preserve (notebook 03's convention)
-            run.configs["finetune"] = get_config("finetune", arm.model, "smoke", ft)
-            if arm.name != "teacher":  # the teacher is the premise's reference: top-1 (and C) only
+            run.configs["finetune"] = get_config("finetune", arm.model, "smoke", ft | on)
+            if arm.name != "teacher" and has_masks(data):  # the teacher is the premise's reference: top-1 and C
                 seg = {"pretrained": pretrained, "steps": budget.segmentation_steps, "seed": seed,
                        "warmup_steps": budget.segmentation_steps // 12, "batch_size": budget.segmentation_batch,
                        "channels": budget.segmentation_channels,
                        "aux_channels": budget.segmentation_channels // 2}
                 if pretrained is None:
                     seg["layer_decay"] = 1.0
-                run.configs["segmentation"] = get_config("segmentation", arm.model, "smoke", seg)
+                run.configs["segmentation"] = get_config("segmentation", arm.model, "smoke", seg | on)
             rob = {"num_images": budget.corruption_images, "seed": 0}  # one corrupted set for every run
             if budget.corruptions:
                 rob["corruptions"] = list(budget.corruptions)
-            run.configs["robustness"] = get_config("robustness", arm.model, "smoke", rob)
+            run.configs["robustness"] = get_config("robustness", arm.model, "smoke", rob | on)
             runs.append(run)
     return runs
 
@@ -227,8 +231,9 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
     t = time.perf_counter()
     rob = evaluate_robustness(results["finetune"].model(), run.configs["robustness"], device=device)["synthetic_c"]
     seconds["robustness"] = time.perf_counter() - t
+    labelled = json.loads((run.root / "finetune" / "data.json").read_text())["images"]
     result = {"arm": run.arm.name, "row": run.arm.row, "seed": run.seed, "key": key,
-              "top1": ft["top1"], "mIoU": seg["mIoU"], "c_error": rob["mean_error"],
+              "labelled_images": labelled, "top1": ft["top1"], "mIoU": seg["mIoU"], "c_error": rob["mean_error"],
               "clean_error": rob["clean_error"], "seconds": {k: round(v, 1) for k, v in seconds.items()},
               "total_seconds": round(time.perf_counter() - start, 1),
               "configs": {name: cfg.to_dict() for name, cfg in run.configs.items()}}
@@ -236,32 +241,36 @@ def execute(run: StudyRun, device: str | None = "auto", progress: bool = True,
     return json.loads(result_path.read_text())  # as a resumed study reads it back (tuples as lists)
 
 
-def default_out(budget: str) -> Path:
-    """reports/study for the study budget ($TINYMIM_RUN_DIR/study when set); a smaller
-    budget's numbers mean little, so they go to the cache, never beside the committed report."""
+def default_out(budget: str, data: str = "synthetic") -> Path:
+    """reports/study (synthetic) or reports/study-digits for the study budget
+    ($TINYMIM_RUN_DIR/... when set); a smaller budget's numbers mean little, and a folder of
+    your own is yours: those go to the cache, never beside the committed reports."""
     env = os.environ.get("TINYMIM_RUN_DIR")
-    name = "study" if budget == "study" else f"study-{budget}"
+    name = "study" + ("" if data == "synthetic" else f"-{data if is_builtin(data) else Path(data).name}")
+    name += "" if budget == "study" else f"-{budget}"
     if env:
         return Path(env) / name
-    return REPO_ROOT / "reports" / name if budget == "study" else cache_dir(name)
+    return REPO_ROOT / "reports" / name if budget == "study" and is_builtin(data) else cache_dir(name)
 
 
 def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1, 2), only: Sequence[str] | None = None,
               budget: str = "study", device: str | None = "auto", progress: bool = True,
               log: Callable[[str], None] = print, nproc: int | None = None,
-              cluster: dict | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) the study into `out` (None: `default_out(budget)`); returns every
-    run's result. The teacher is the smoke profile's cached MAE micro teacher, copied into
-    `out/teacher`."""
+              cluster: dict | None = None, data: str = "synthetic") -> list[dict[str, Any]]:
+    """Run (or resume) the study on `data` into `out` (None: `default_out(budget, data)`);
+    returns every run's result. The teacher is the smoke profile's MAE micro teacher trained on
+    that data (cached), copied into `out/teacher`."""
     if budget not in BUDGETS:
         raise ValueError(f"budget: expected one of {sorted(BUDGETS)}, got {budget!r}")
     if not seeds:
         raise ValueError("seeds: at least one seed")
-    out = Path(out) if out else default_out(budget)
+    out = Path(out) if out else default_out(budget, data)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = smoke_teacher(out / "teacher", BUDGETS[budget].teacher, progress=progress, device=device, nproc=nproc,
+    teacher_overrides = (BUDGETS[budget].teacher or {}) | {"data": data}
+    teacher = smoke_teacher(out / "teacher", teacher_overrides, progress=progress, device=device, nproc=nproc,
                             cluster=cluster)
-    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher)
+    teacher_cfg = get_config("mae", TEACHER, "smoke", teacher_overrides)
+    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], teacher, data)
     start = time.perf_counter()
     results = []
     for i, run in enumerate(runs, start=1):
@@ -271,14 +280,28 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
         log(f"[{i}/{len(runs)}] {run.arm.name}-s{run.seed}: top-1 {res['top1']:.1f}, mIoU {miou}, "
             f"C error {res['c_error']:.1f} ({res['total_seconds']:.0f} s)")
     state = {"budget": budget, "budget_steps": asdict(BUDGETS[budget]), "seeds": list(seeds),
+             "data": data, "data_description": describe(data),
              "arms": [r.arm.name for r in runs[:len(runs) // len(seeds)]],
              "teacher": str(teacher),
-             "teacher_config": get_config("mae", TEACHER, "smoke", BUDGETS[budget].teacher).to_dict(),
+             "teacher_config": teacher_cfg.to_dict(),
+             "teacher_seconds": teacher_seconds(out / "teacher" / "metrics.jsonl", teacher_cfg.batch_size),
              "environment": environment(),
              "wall_seconds_this_call": round(time.perf_counter() - start, 1),
              "train_seconds": round(sum(r["total_seconds"] for r in results), 1)}
     atomic_write_json(state, out / "study.json")
     return results
+
+
+def teacher_seconds(metrics: Path, batch_size: int) -> float:
+    """The MAE teacher's training time from its logged throughput (each log interval's images
+    over its images/s): the teacher is cached across studies, so its time is not this call's."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "imgs_per_s" in r and "step" in r]
+    seconds, last = 0.0, 0
+    for r in rows:
+        seconds += (r["step"] - last) * batch_size / r["imgs_per_s"]
+        last = r["step"]
+    return round(seconds, 1)
 
 
 class StudyRunJob:
@@ -294,20 +317,21 @@ class StudyRunJob:
 
 
 def submit_detached(out: str | os.PathLike | None, seeds: Sequence[int], only: Sequence[str] | None, budget: str,
-                    cluster: dict[str, Any], device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+                    cluster: dict[str, Any], device: str = "auto", log: Callable[[str], None] = print,
+                    data: str = "synthetic") -> dict[str, Any]:
     """The study as SLURM jobs, returning at once: the teacher's MAE job (unless cached), then
     every (arm, seed) run as one task of a job array after it. `run_study` later reads every
     finished run's result.json and writes the report."""
     from . import cluster as slurm
 
     spec = slurm.Cluster.from_dict(cluster)
-    out = Path(out) if out else default_out(budget)
-    cfg, cache = smoke_teacher_run(BUDGETS[budget].teacher)
+    out = Path(out) if out else default_out(budget, data)
+    cfg, cache = smoke_teacher_run((BUDGETS[budget].teacher or {}) | {"data": data})
     after = []
     if not (cache / "teacher.pth").exists():
         after = [slurm.submit("mae", cfg, cache, spec, device).job_id]
         log(f"[sbatch] the study's MAE teacher: SLURM job {after[0]}")
-    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], out / "teacher" / "teacher.pth")
+    runs = plan(out, select_arms(only), seeds, BUDGETS[budget], out / "teacher" / "teacher.pth", data)
     executor = spec.executor(out / "slurm", "tinymim-study", after, array=len(runs))
     with executor.batch():
         jobs = [executor.submit(StudyRunJob(r, cache, device)) for r in runs]
@@ -379,8 +403,9 @@ def plot_study(results: Sequence[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
     summary = summarize(results)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
-    for ax, (metric, (label, higher)) in zip(axes, METRICS.items()):
+    metrics = {m: v for m, v in METRICS.items() if any(r.get(m) is not None for r in results)}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, (metric, (label, higher)) in zip(axes[0], metrics.items()):
         arms = [a.name for a in ARMS if metric in summary.get(a.name, {})]
         means = [summary[a][metric].mean for a in arms]
         stds = [summary[a][metric].std or 0.0 for a in arms]
@@ -420,39 +445,57 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
     where = out.resolve()
     where = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where
     scratch, teacher = summary.get("scratch", {}).get("top1"), summary.get("teacher", {}).get("top1")
-    md = ["# Does TinyMIM hold at micro scale? A reproduction study on the built-in data", "",
+    data = state.get("data", "synthetic")
+    c_name = f"{data if is_builtin(data) else Path(data).name}-C"
+    metrics = [m for m in METRICS if any(r.get(m) is not None for r in results)]  # no mIoU without masks
+    labelled = sorted({r["labelled_images"] for r in results if "labelled_images" in r})
+    teacher_min = (state.get("teacher_seconds") or 0) / 60
+    segmented = "mIoU" in metrics
+    rob = results[0]["configs"]["robustness"]
+    title = {"synthetic": "the built-in synthetic data", "digits": "real handwritten digits"}.get(data, "your images")
+    md = [f"# Does TinyMIM hold at micro scale? A reproduction study on {title}",
+          "",
           f"Every number below was measured by `tinymim study` in `{where}` and is in `metrics.json`: "
           f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
           f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None)}). "
           f"Training and evaluation took {train_min:.1f} min on {_host(state.get('environment'))} "
-          f"(per seed: {per_seed} min).", "",
+          f"(per seed: {per_seed} min); the MAE teacher took {teacher_min:.1f} min more (from its logged "
+          f"throughput; it is trained once per data and cached): {train_min + teacher_min:.1f} min in all.", "",
           *([f"> **Budget `{state['budget']}`: a check of the machinery; its numbers mean nothing.** "
               "The study is `tinymim study` (budget `study`).", ""] if state.get("budget") != "study" else []),
+          f"**Data.** {state.get('data_description', describe(data))}.", "",
           f"**Setup.** Student {STUDENT} (the paper's ViT-T at smoke size); teacher: the smoke profile's MAE "
-          f"{TEACHER}, shared by every run. A seed varies the student's initialisation and data order in every "
-          "stage. Every arm is fine-tuned on the same 2 000 labelled synthetic images for the same number of steps, "
-          "trained as a UperNet segmenter for the same number of steps, and tested on the synthetic-C "
-          "corruptions. Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the "
-          "paired difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
+          f"{TEACHER} pre-trained on the unlabelled training images, shared by every run. A seed varies the "
+          "student's initialisation and data order in every stage. Every arm is fine-tuned on the same "
+          f"{' / '.join(f'{n:,}'.replace(',', ' ') for n in labelled) or '?'} labelled images for the same number "
+          "of steps"
+          + (", trained as a UperNet segmenter for the same number of steps" if segmented else
+             " (no segmentation: this data has no masks)")
+          + f" and tested on {c_name}: {rob['num_images']} of its val images (a stratified subset) under "
+          f"{len(rob['corruptions'])} corruptions at {len(rob['severities'])} severities, which the kit synthesises. "
+          "Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the paired "
+          "difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
     if scratch and teacher:
         margin = verdict(results, PREMISE, "top1")
         md += [f"**Is the study informative?** The MAE teacher fine-tuned reaches {_ms(teacher)} % top-1 against "
                f"{_ms(scratch)} % for a scratch student: a margin of {_pm(margin['gain'])} points "
                f"({margin['verdict']}).", ""]
-    md += ["## Every arm", "", "| row | arm | top-1 (%) | mIoU (%) | synthetic-C error (%) | seeds |",
-           "|---|---|---|---|---|---|"]
+    heads = {"top1": "top-1 (%)", "mIoU": "mIoU (%)", "c_error": f"{c_name} error (%)"}
+    md += ["## Every arm", "", "| row | arm | " + " | ".join(heads[m] for m in metrics) + " | seeds |",
+           "|---|---|" + "---|" * len(metrics) + "---|"]
     for arm in ARMS:
         if arm.name in summary:
             s = summary[arm.name]
-            md.append(f"| ({arm.row}) | {arm.label} | {_ms(s['top1'])} | {_ms(s.get('mIoU'))} | {_ms(s['c_error'])} | "
-                      f"{s['top1'].n} |")
+            md.append(f"| ({arm.row}) | {arm.label} | " + " | ".join(_ms(s.get(m)) for m in metrics)
+                      + f" | {s['top1'].n} |")
+    gain_heads = {"top1": "top-1 gain", "mIoU": "mIoU gain", "c_error": "C-error gain"}
     md += ["", "## The paper's findings, one verdict per metric", "",
            "Gain = the first arm minus the second (for the corruption error: the second minus the first), "
            "mean ± std over seeds, in points.", "",
-           "| row | claim | arms | top-1 gain | verdict | mIoU gain | verdict | C-error gain | verdict |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| row | claim | arms | " + " | ".join(f"{gain_heads[m]} | verdict" for m in metrics) + " |",
+           "|---|---|---|" + "---|---|" * len(metrics)]
     for v in verdicts:
-        cells = " | ".join(f"{_pm(v[m]['gain'])} | {v[m]['verdict']}" for m in METRICS)
+        cells = " | ".join(f"{_pm(v[m]['gain'])} | {v[m]['verdict']}" for m in metrics)
         md.append(f"| {v['rows']} | {v['claim']} | {v['better']} vs {v['worse']} | {cells} |")
     md += ["", "## Headline (top-1)", ""]
     md += [f"- {v['rows']} {v['claim']}: **{v['top1']['verdict']}** "

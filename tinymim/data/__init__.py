@@ -25,17 +25,68 @@ from .folders import (
     resource_lines,
 )
 from .sources import DataError, MemoryImages, Subsample, decode_file, open_rgb
+from .cache import cached_folder
+from .digits import CLASSES as DIGIT_CLASSES
+from .digits import FILTER as DIGITS_FILTER
+from .digits import LABELLED_PER_CLASS as DIGITS_LABELLED
+from .digits import VAL_FRACTION as DIGITS_VAL
+from .digits import Digits
 from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
 
 # sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
 # (MAE / distillation) pre-training and a smaller labelled set, where pre-training pays
 SMOKE_SPLITS = {"pool": 20000, "train": 5000, "val": 2000}
+# the datasets that need no files: config `data` is one of these names or a folder
+BUILTIN = ("synthetic", "digits")
 
 
 def synthetic(split: str, cfg: Any | None = None, size: int | None = None) -> SyntheticShapes:
     """A split of the synthetic data at the config's input size and `data_seed`."""
     return SyntheticShapes(SyntheticSpec(image_size=getattr(cfg, "input_size", 32)), split,
                            size or SMOKE_SPLITS[split], seed=getattr(cfg, "data_seed", 0))
+
+
+def is_builtin(data: str) -> bool:
+    return data in BUILTIN
+
+
+def builtin(split: str, cfg: Any, size: int | None = None) -> SyntheticShapes | Digits:
+    """The first `size` images (None: all) of a split (`pool`, `train` = labelled, `val`) of
+    the config's built-in dataset, at its input size and `data_seed`: uint8 `images`,
+    `labels`, `masks` (None for digits), `classes`."""
+    if cfg.data == "digits":
+        return Digits(split, cfg.input_size, cfg.data_seed, size)
+    if cfg.data != "synthetic":
+        raise DataError(f"data: {cfg.data!r} is a folder, not one of the built-in datasets {BUILTIN}")
+    return synthetic(split, cfg, size)
+
+
+def classes_of(data: str) -> list[str]:
+    """The class names of a dataset: a built-in one's, or the sorted class folders of
+    `<data>/train` (what `num_classes` defaults to)."""
+    if data == "synthetic":
+        return SyntheticSpec().class_names
+    if data == "digits":
+        return list(DIGIT_CLASSES)
+    return folder_classes(split_dir(data, "train"))
+
+
+def has_masks(data: str) -> bool:
+    """Whether segmentation can run on the dataset: the synthetic data's masks, or a folder in
+    ADE20K's layout (images/ + annotations/)."""
+    if data == "synthetic":
+        return True
+    return not is_builtin(data) and (Path(data) / "annotations").is_dir() and (Path(data) / "images").is_dir()
+
+
+def describe(data: str) -> str:
+    """One line naming a dataset, for reports and logs."""
+    if data == "synthetic":
+        return "the built-in synthetic shapes"
+    if data == "digits":
+        return (f"scikit-learn's handwritten digits (8 x 8, upscaled {DIGITS_FILTER}; stratified "
+                f"{1 - DIGITS_VAL:.0%}/{DIGITS_VAL:.0%} train/val split, {DIGITS_LABELLED} labelled per class)")
+    return f"the image folders at {data}"
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -51,8 +102,9 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
 
 def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[int]:
     """`n` sample indices drawn per class in proportion to the class sizes (largest remainders,
-    at least one each), seeded, in file order. The first `n` files of a folder are sorted by class -- a few classes
-    only -- so `data_limit` draws this instead, and refuses a subset that would miss a class."""
+    at least one each), seeded, in file order. The first `n` files of a folder are sorted by
+    class -- a few classes only -- so `data_limit` draws this instead, and refuses a subset
+    that would miss a class."""
     import numpy as np
 
     by_class: dict[int, list[int]] = {}
@@ -80,22 +132,36 @@ def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[i
     return sorted(picked)
 
 
-def limit(source: Any, n: int | None, seed: int = 0) -> Any:
-    """At most `n` samples of a folder `source` (config `data_limit`), stratified by class
-    (`stratified`, seeded by `data_seed`, so every run seed sees the same subset)."""
-    if n is None or n >= len(source):
-        return source
-    return Subsample(source, stratified([t for _, t in source.samples], n, seed, source.classes))
+def limit(source: Any, n: int | None, seed: int = 0) -> Subsample:
+    """At most `n` samples of a labelled `source` (config `data_limit`), stratified by class
+    (`stratified`, seeded by `data_seed`, so every run seed sees the same subset), with a
+    `record` of what was drawn (the run's data.json)."""
+    labels = source.targets
+    picked = list(range(len(labels))) if n is None or n >= len(labels) else stratified(labels, n, seed, source.classes)
+    counts: dict[str, int] = {}
+    for i in picked:
+        counts[source.classes[labels[i]]] = counts.get(source.classes[labels[i]], 0) + 1
+    record = {"images": len(picked), "of": len(labels), "data_limit": n, "data_seed": seed,
+              "subset": "stratified by class" if len(picked) < len(labels) else "all",
+              "per_class": dict(sorted(counts.items()))}
+    return Subsample(source, picked, record)
 
 
-def train_source(cfg: Any, split: str = "train", classes: list[str] | None = None, masks: bool = False) -> Any:
-    """The images a stage trains on: the synthetic split (`pool` for pre-training, `train`
-    for the labelled set) or `<data>/train` class folders labelled by `classes`; at most
-    `cfg.data_limit` of them."""
-    if cfg.data == "synthetic":
-        ds = synthetic(split, cfg, size=cfg.data_limit)
-        return MemoryImages(ds.images, ds.labels, ds.masks if masks else None)
-    return limit(ImageNetFolder(split_dir(cfg.data, "train"), classes=classes), cfg.data_limit, cfg.data_seed)
+def train_source(cfg: Any, split: str = "train", classes: list[str] | None = None, masks: bool = False) -> Subsample:
+    """The images a stage trains on: a built-in split (`pool` for pre-training, `train` for
+    the labelled set) or `<data>/train` class folders labelled by `classes`; at most
+    `cfg.data_limit` of them (a stratified subset); a small folder decoded once at the input
+    size (`cached_folder`). Its `record` says which images, for the run's data.json."""
+    if is_builtin(cfg.data):
+        ds = builtin(split, cfg)
+        source = MemoryImages(ds.images, ds.labels, ds.masks if masks else None, classes=ds.classes)
+        subset = limit(source, cfg.data_limit, cfg.data_seed)
+        subset.record |= {"data": cfg.data, "split": split}
+        return subset
+    folder = ImageNetFolder(split_dir(cfg.data, "train"), classes=classes)
+    subset = limit(folder, cfg.data_limit, cfg.data_seed)
+    subset.record |= {"data": str(cfg.data), "split": "train", "decoded_once": None}
+    return cached_folder(subset, cfg.input_size) or subset
 
 
 def batches(cfg: Any, source: Any, recipe: Any, rank: int = 0, world_size: int = 1) -> LoaderBatches:
@@ -105,8 +171,9 @@ def batches(cfg: Any, source: Any, recipe: Any, rank: int = 0, world_size: int =
 
 
 __all__ = [
-    "ADE20K", "Augmented", "Classify", "DataError", "IGNORE_INDEX", "ImageNetFolder", "LoaderBatches",
-    "MemoryImages", "SHAPES", "SMOKE_SPLITS", "Segment", "Subsample", "SyntheticShapes", "SyntheticSpec",
-    "TensorBatches", "Views", "batches", "check_images", "decode_file", "folder_classes", "limit", "open_rgb",
-    "reduce_zero_label", "resource_lines", "split_dir", "stratified", "synthetic", "train_source",
+    "ADE20K", "Augmented", "BUILTIN", "Classify", "DataError", "Digits", "IGNORE_INDEX", "ImageNetFolder",
+    "LoaderBatches", "MemoryImages", "SHAPES", "SMOKE_SPLITS", "Segment", "Subsample", "SyntheticShapes",
+    "SyntheticSpec", "TensorBatches", "Views", "batches", "builtin", "cached_folder", "check_images", "classes_of",
+    "decode_file", "describe", "folder_classes", "has_masks", "is_builtin", "limit", "open_rgb", "reduce_zero_label",
+    "resource_lines", "split_dir", "stratified", "synthetic", "train_source",
 ]

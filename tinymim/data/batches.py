@@ -134,6 +134,11 @@ class LoaderBatches:
     def __len__(self) -> int:
         return self.steps
 
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """Which images these batches draw from (`data.train_source`'s record): the run's data.json."""
+        return getattr(self.dataset.source, "record", None)
+
     def epoch(self, epoch: int, start: int = 0, micro: int | None = None) -> Iterator[list[dict[str, Any]]]:
         self.sampler.set_position(epoch, start * self.per_rank)  # read when the loader is iterated
         if self.loader is None:

@@ -67,13 +67,21 @@ class MemoryImages:
     """A `Source` over uint8 N x 3 x H x W images held in memory, with optional labels and
     masks (the built-in datasets)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+                 classes: list[str] | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected N x 3 x H x W uint8, got {tuple(images.shape)} {images.dtype}")
         for name, t in (("labels", labels), ("masks", masks)):
             if t is not None and len(t) != len(images):
                 raise ValueError(f"{name}: {len(t)} entries for {len(images)} images")
-        self.images, self.labels, self.masks = images, labels, masks
+        self.images, self.labels, self.masks, self.classes = images, labels, masks, classes
+
+    @property
+    def targets(self) -> list[int]:
+        """Every sample's label (ImageFolder's `targets`): what a stratified subset draws by."""
+        if self.labels is None:
+            raise ValueError("these images have no labels")
+        return self.labels.tolist()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -101,12 +109,17 @@ class MemoryImages:
 
 class Subsample:
     """The samples `indices` of a source, as a source (`data_limit`): every per-sample method
-    of the source, at the mapped index."""
+    of the source, at the mapped index; `record` says how they were drawn (the run's data.json)."""
 
     _PER_SAMPLE = ("image", "pil", "size", "encoded", "target", "mask")
 
-    def __init__(self, source: Any, indices: list[int]):
-        self.source, self.indices = source, list(indices)
+    def __init__(self, source: Any, indices: list[int], record: dict[str, Any] | None = None):
+        self.source, self.indices, self.record = source, list(indices), dict(record or {})
+
+    @property
+    def targets(self) -> list[int]:
+        labels = self.source.targets
+        return [labels[i] for i in self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
