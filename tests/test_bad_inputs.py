@@ -1,6 +1,7 @@
 """A new user's bad inputs against the CLI, table-driven: every one exits non-zero with
 one `error:` line that names the input, before any training, writing nothing."""
 
+import json
 import pickle
 
 import numpy as np
@@ -41,6 +42,9 @@ def files(tmp_path_factory):
     _images(d / "no_val" / "train", ["a", "b"])
     _images(d / "three" / "train", ["a", "b", "c"])
     _images(d / "three" / "val", ["a", "b", "c"])
+    _images(d / "empty_class" / "train", ["a", "b"])
+    (d / "empty_class" / "train" / "c").mkdir()
+    _images(d / "empty_class" / "val", ["a", "b"])
     _images(d / "bad_val" / "train", ["a", "b"])
     _images(d / "bad_val" / "val", ["a", "zzz"])
     (d / "ade" / "images" / "training").mkdir(parents=True)
@@ -48,6 +52,9 @@ def files(tmp_path_factory):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "ade" / "images" / "training" / "x.jpg")
     Image.fromarray(np.ones((8, 8), np.uint8)).save(d / "ade" / "annotations" / "training" / "x.png")
     (d / "imagenet_c" / "fog" / "1").mkdir(parents=True)
+    from tinymim.robustness import subset_indices
+
+    _images(d / "imagenet_a", subset_indices("imagenet_a")[0][:2])
     (d / "a_file").write_text("not a folder")
     return d
 
@@ -101,6 +108,16 @@ CASES = [
     ("robustness-nothing-given", ["robustness", "{d}/cls.pth"], 1, "--imagenet-a"),
     ("out-is-a-file", ["finetune", "--out", "{d}/a_file", *TINY], 1, "a_file"),
     ("check-data-missing", ["check-data", "{d}/nowhere"], 1, "nowhere"),
+    # the last five that ended in a deep traceback or an error not naming the input (issue 24)
+    ("num-classes-below-the-data", ["finetune", "--out", "{out}", *TINY, "--set", "num_classes=5"], 1,
+     "synthetic has 10 classes"),
+    ("evaluate-at-another-size", ["evaluate", "{d}/cls.pth", "--data", "synthetic", "--input-size", "224",
+                                  "--num-classes", "10"], 1,
+     "trained at 32 px"),
+    ("imagenet-a-on-a-10-way-model", ["robustness", "{d}/cls.pth", "--imagenet-a", "{d}/imagenet_a"], 1,
+     "--imagenet-a: ImageNet-A/R/C are scored by a 1000-way"),
+    ("empty-class-folder", ["finetune", "--out", "{out}", *TINY, "--set", "data={d}/empty_class"], 1,
+     "empty_class/train/c: empty class folder"),
 ]
 
 
@@ -147,3 +164,31 @@ def test_an_ade20k_mask_value_above_150_names_the_file(tmp_path):
     Image.fromarray(np.full((4, 4), 200, np.uint8)).save(tmp_path / "annotations" / "training" / "x.png")
     with pytest.raises(DataError, match=r"x\.png: mask value 200"):
         ADE20K(tmp_path)[0]
+
+
+def test_a_checkpoint_write_past_the_file_size_limit_names_the_cause_and_the_run_resumes(tmp_path):
+    """EFBIG surfaced from torch's zip writer as "unexpected pos": the error now says the disk,
+    quota or file-size limit, names the file, and a run without the limit then finishes."""
+    import resource
+    import subprocess
+    import sys
+
+    from tinymim.data import builtin
+    from tinymim.presets import get_config
+
+    cfg = get_config("finetune", profile="tiny")
+    builtin("train", cfg), builtin("val", cfg)  # the data cache is written here, not under the limit
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "tinymim", "finetune", "--profile", "tiny", "--out", str(out), "--set", "ckpt_every=2"]
+
+    def two_megabytes() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    limited = subprocess.run(argv, preexec_fn=two_megabytes, capture_output=True, text=True, timeout=300)
+    last = limited.stderr.strip().splitlines()[-1]
+    assert limited.returncode == 1, limited.stderr
+    assert last.startswith("error: ") and "checkpoint.pth: cannot write it" in last and "file-size limit" in last, last
+    assert not list(out.glob(".*.tmp")) and not (out / "checkpoint.pth").exists()  # nothing torn left behind
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "eval.json").read_text())["steps"] == 4

@@ -91,12 +91,13 @@ def test_data_limit_on_a_sorted_folder_is_a_stratified_subset_that_names_missing
     from tinymim.data import train_source
 
     _write_image_folder(tmp_path / "train", ["ant", "bee", "cat"], n=6)
-    cfg = SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=0)
+    cfg = SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=0, input_size=16)
     subset = train_source(cfg)
     assert sorted(subset.target(i) for i in range(len(subset))) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert subset.record["per_class"] == {"ant": 3, "bee": 3, "cat": 3} and subset.record["of"] == 18
     again = train_source(cfg)
     assert [again.target(i) for i in range(9)] == [subset.target(i) for i in range(9)]  # seeded by data_seed
-    other = train_source(SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=1))
+    other = train_source(SimpleNamespace(data=str(tmp_path), data_limit=9, data_seed=1, input_size=16))
     assert other.indices != subset.indices
     with pytest.raises(DataError, match=r"data_limit=2 of 18 images would leave out 1 class\(es\) \['cat'\]"):
-        train_source(SimpleNamespace(data=str(tmp_path), data_limit=2, data_seed=0))
+        train_source(SimpleNamespace(data=str(tmp_path), data_limit=2, data_seed=0, input_size=16))

@@ -102,6 +102,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         params["device"] = args.device
     if args.nproc is not None:
         params["nproc"] = args.nproc
+    if args.data is not None:
+        params["data"] = _data_arg(args.data)
     only = args.only.split(",") if args.only else None
     if args.detach:
         from .runner import submit_detached
@@ -329,7 +331,10 @@ def _args_config(p: argparse.ArgumentParser) -> None:
 
 def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, default="smoke")
-    p.add_argument("--out", default=None, help="run directory (default: reports/<profile>)")
+    p.add_argument("--out", default=None, help="run directory (default: reports/<profile>, or reports/<profile>-<data> "
+                                              "with --data)")
+    p.add_argument("--data", default=None, help="every notebook's data: synthetic (default) | digits | a folder with "
+                                               "train/ and val/ class folders (notebook 04 then says it skips)")
     p.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 01,02")
     p.add_argument("--notebooks", default=None, help="folder of NN_*.ipynb notebooks (default: the kit's own)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",

@@ -10,10 +10,12 @@ beyond tensors and plain data (`torch.load(weights_only=True)` or safetensors).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -64,9 +66,13 @@ def atomic_write(path: str | os.PathLike, write: Any, previous: str | os.PathLik
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as RuntimeError
+                _explain_failed_write(e, path, os.fstat(f.fileno()).st_size)
+                raise
         if previous is not None and path.exists():
             os.replace(path, previous)
         os.replace(tmp, path)
@@ -74,6 +80,31 @@ def atomic_write(path: str | os.PathLike, write: Any, previous: str | os.PathLik
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class WriteFailed(OSError):
+    """A file could not be written for want of room: disk, quota or file-size limit."""
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _explain_failed_write(error: BaseException, path: Path, written: int) -> None:
+    """Raise `WriteFailed` naming the file and the likely cause when a failed write is a lack of
+    room -- judged from the error number, the free space and the process's file-size limit
+    (torch reports these as an opaque "unexpected pos"); otherwise return, and the error stands."""
+    import resource
+
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    at_limit = limit != resource.RLIM_INFINITY and written >= limit - (1 << 20)
+    if getattr(error, "errno", None) not in _NO_ROOM and free > (64 << 20) and not at_limit:
+        return
+    cause = (f"the file-size limit of {limit} bytes (ulimit -f) is reached" if at_limit
+             else f"the disk or quota is full ({free >> 20} MiB free on its file system)")
+    raise WriteFailed(f"{path}: cannot write it after {written} bytes: {cause}; free space (or raise the limit) and "
+                      f"run again -- the previous file is intact, training resumes from the last complete "
+                      f"checkpoint") from error
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> Path:

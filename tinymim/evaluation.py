@@ -10,6 +10,7 @@ that 3.75 M ImageNet-C images never hold their logits in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,6 +62,15 @@ def predict(
     return torch.cat(outs), (torch.cat(labels) if labels else None)
 
 
+def check_input_size(model: nn.Module, input_size: int) -> None:
+    """A ViT's position embedding fixes the size it takes: say so before timm's assertion does."""
+    trained = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if trained is not None and not getattr(model, "dynamic_img_size", False) and tuple(trained) != (input_size, input_size):
+        raise ValueError(f"input_size {input_size}: the model was trained at {trained[0]} px (its position embedding); "
+                         f"evaluate at input_size {trained[0]} (evaluate: --input-size {trained[0]}; robustness: "
+                         f"--set input_size={trained[0]})")
+
+
 def eval_resize(input_size: int) -> int:
     """MAE's evaluation resize (main_finetune.py `build_transform`): crop_pct 224/256 up to
     224 px (256 for 224), 1.0 above (a 384-px model sees the image resized to 384)."""
@@ -78,23 +88,37 @@ def eval_transform(input_size: int, resize: int | None):
     return T.Compose([*steps, T.CenterCrop(input_size), T.PILToTensor()])
 
 
-def eval_tensors(cfg: Any, split: str, classes: Sequence[str] | None = None,
-                 n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split of the config's data as evaluation sees it, in memory: uint8 N x 3 x S x S
-    images and their labels -- a built-in split, or `<data>/<split>` class folders (labelled
-    by `classes`; None: the sorted train folders) through MAE's evaluation crop. `n`: a
-    stratified subset of that many (`data.limit`, seeded by `data_seed`), never the first n.
-    What the linear probes and the synthesised -C copy read."""
+@dataclass
+class EvalImages:
+    """A split as evaluation sees it, in memory: uint8 N x 3 x S x S `images`, `labels`, the
+    label space `classes`; `masks` (synthetic data) or the files' `paths` (folders) when there."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    masks: torch.Tensor | None = None
+    paths: list[str] | None = None
+
+
+def eval_tensors(cfg: Any, split: str, classes: Sequence[str] | None = None, n: int | None = None) -> EvalImages:
+    """A split of the config's data as evaluation sees it: a built-in split, or `<data>/<split>`
+    class folders (labelled by `classes`; None: the sorted train folders) through MAE's
+    evaluation crop. `n`: a stratified subset of that many (`data.limit`, seeded by
+    `data_seed`), never the first n. What the linear probes, the synthesised -C copy, the
+    explorer and FiftyOne read."""
     from .data import ImageNetFolder, MemoryImages, builtin, classes_of, is_builtin, limit, split_dir
 
     if is_builtin(cfg.data):
         ds = builtin(split, cfg)
         pick = limit(MemoryImages(ds.images, ds.labels, classes=ds.classes), n, cfg.data_seed).indices
-        return ds.images[pick], ds.labels[pick]
+        return EvalImages(ds.images[pick], ds.labels[pick], list(ds.classes),
+                          None if ds.masks is None else ds.masks[pick])
     folder = ImageNetFolder(split_dir(cfg.data, split), classes=classes or classes_of(cfg.data),
                             transform=eval_transform(cfg.input_size, eval_resize(cfg.input_size)))
-    items = [folder[i] for i in limit(folder, n, cfg.data_seed).indices]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    pick = limit(folder, n, cfg.data_seed).indices
+    items = [folder[i] for i in pick]
+    return EvalImages(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), list(folder.classes),
+                      paths=[folder.samples[i][0] for i in pick])
 
 
 def inference_autocast(device: torch.device):

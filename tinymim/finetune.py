@@ -47,7 +47,7 @@ from .data import (
     train_source,
 )
 from .devices import loader_options, resolve_device
-from .evaluation import eval_resize, eval_transform, predict, topk_accuracy
+from .evaluation import check_input_size, eval_resize, eval_transform, predict, topk_accuracy
 from .models import ModelSpec, build_model, model_spec
 
 
@@ -164,6 +164,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: 
         if unknown:
             raise DataError(f"{val}: class folder(s) {unknown[:5]} are not among the {len(classes or [])} classes "
                             f"of {split_dir(cfg.data, 'train')}")
+        ImageNetFolder(val, classes=classes)  # an empty class folder is named now, not after training
     teacher = None
     if cfg.dist_token:
         teacher = load_classifier(cfg.teacher_classifier, cfg.num_classes)
@@ -193,6 +194,7 @@ def evaluate(model: nn.Module, cfg: Any, split: str = "val", device: str | torch
     model's `classes` (the list recorded at training; None: the ImageNet-1K order for wnid
     folders). Under torchrun each rank evaluates its shard and the counts are summed."""
     device = resolve_device(device)
+    check_input_size(model, cfg.input_size)
     if is_builtin(cfg.data):
         ds = builtin(split, cfg)
         mine = list(distributed.shard(len(ds)))

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .checkpoints import load_teacher
+from .checkpoints import atomic_write_json, load_teacher
 from .config import REPO_ROOT, FinetuneConfig, cache_dir
-from .data import describe
-from .evaluation import eval_tensors, features, linear_probe
+from .data import DataError, classes_of, describe, has_masks, is_builtin
+from .evaluation import EvalImages, eval_tensors, features, linear_probe
 from .launch import train_stage
 from .models import ModelSpec, build_model, model_spec
 from .presets import get_config
@@ -41,24 +41,37 @@ class MissingInput(FileNotFoundError):
 # run directories
 
 
-def default_run_dir(profile: str) -> Path:
-    """$TINYMIM_RUN_DIR if set, else reports/<profile> in the repository."""
+def default_run_dir(profile: str, data: str | None = None) -> Path:
+    """$TINYMIM_RUN_DIR if set, else reports/<profile> in the repository -- reports/<profile>-<data>
+    on data other than the synthetic shapes (never over the committed smoke report)."""
     env = os.environ.get("TINYMIM_RUN_DIR")
-    return Path(env) if env else REPO_ROOT / "reports" / profile
+    if env:
+        return Path(env)
+    suffix = "" if data in (None, "synthetic") else "-" + (data if is_builtin(data) else Path(data).name)
+    return REPO_ROOT / "reports" / f"{profile}{suffix}"
 
 
-def resolve_run_dir(run_dir: str | os.PathLike | None, profile: str) -> Path:
-    """What a notebook's `run_dir` parameter means; None = the default for the profile."""
-    path = Path(run_dir) if run_dir else default_run_dir(profile)
+def resolve_run_dir(run_dir: str | os.PathLike | None, profile: str, data: str | None = None) -> Path:
+    """What a notebook's `run_dir` parameter means; None = the default for the profile and data."""
+    path = Path(run_dir) if run_dir else default_run_dir(profile, data)
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 
 
+RUN_RECORD = "run.json"  # which data a run directory's notebooks train and evaluate on
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """Where notebook NN's artefacts live inside one run directory."""
+    """Where notebook NN's artefacts live inside one run directory, and the data they are on
+    (every notebook's `data` parameter: a built-in dataset or a folder)."""
 
     root: Path
+    data: str | None = None  # None: each stage's preset data (smoke: the synthetic shapes)
+
+    def on(self, overrides: dict | None = None) -> dict:
+        """A stage's config overrides on this run's data (an explicit `data` override wins)."""
+        return ({"data": self.data} if self.data else {}) | dict(overrides or {})
 
     @property
     def models(self) -> Path:  # 01: the teacher, sanity checks
@@ -103,8 +116,22 @@ class RunLayout:
         return path
 
 
-def layout(run_dir: str | os.PathLike | None, profile: str) -> RunLayout:
-    return RunLayout(resolve_run_dir(run_dir, profile))
+def layout(run_dir: str | os.PathLike | None, profile: str, data: str | None = None) -> RunLayout:
+    """The run directory on `data` (None: what the directory records, else each stage's preset's).
+    The first notebook records it; a later one on other data is refused -- a teacher made on one
+    dataset must not be read back as another's."""
+    root = resolve_run_dir(run_dir, profile, data)
+    record = root / RUN_RECORD
+    recorded = json.loads(record.read_text())["data"] if record.exists() else None
+    if data is not None and not is_builtin(data):
+        data = str(Path(data).resolve())
+        classes_of(data)  # a folder with train/ class folders, checked before any work
+    if data is not None and recorded is not None and data != recorded:
+        raise DataError(f"{root}: holds a run on {recorded}, not {data}; use another run directory "
+                           f"(--out / run_dir) for other data")
+    if recorded is None and data is not None:
+        atomic_write_json({"data": data}, record)
+    return RunLayout(root, data or recorded)
 
 
 def config_key(cfg_dict: dict[str, Any]) -> str:
@@ -153,7 +180,7 @@ def obtain_teacher(run: RunLayout, profile: str, name: str | None = None, path: 
             raise MissingInput("teacher_path is required in the paper profile: an official MAE checkpoint "
                                "(mae_pretrain_vit_base.pth for ViT-T/S, mae_pretrain_vit_large.pth for ViT-B) ("
                                "tinymim run: --param teacher_path=FILE; papermill: -p teacher_path FILE)")
-        return smoke_teacher(run.models, overrides, progress, device, nproc, profile, cluster)
+        return smoke_teacher(run.models, run.on(overrides), progress, device, nproc, profile, cluster)
     load_teacher(name, path)  # validate now, before any expensive work downstream
     return Path(path)
 
@@ -171,7 +198,8 @@ def teacher_path_for(run: RunLayout | None, profile: str, path: str | os.PathLik
         where = f" or run notebook 01 into {run.root} first" if run is not None else ""
         raise MissingInput(f"no teacher: pass teacher_path (tinymim run: --param teacher_path=FILE; papermill: "
                            f"-p teacher_path FILE; tinymim pretrain: --set teacher_path=FILE){where}")
-    return smoke_teacher(progress=progress, device=device, nproc=nproc, profile=profile, cluster=cluster)
+    return smoke_teacher(overrides=run.on() if run is not None else None, progress=progress, device=device,
+                         nproc=nproc, profile=profile, cluster=cluster)
 
 
 def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None = None,
@@ -187,7 +215,7 @@ def obtain_student(run: RunLayout, profile: str, path: str | os.PathLike | None 
         raise MissingInput(f"no distilled student: pass `pretrained` (tinymim run: --param pretrained=FILE; "
                            f"papermill: -p pretrained FILE) or run notebook 02 into {run.root} first")
     teacher = teacher_path_for(run, profile, progress=progress, device=device, nproc=nproc, cluster=cluster)
-    cfg = get_config("pretrain", profile=profile, overrides={"teacher_path": str(teacher)})
+    cfg = get_config("pretrain", profile=profile, overrides=run.on({"teacher_path": str(teacher)}))
     return train_stage("pretrain", cfg, run.pretrain, device, nproc, progress, cluster=cluster).path
 
 
@@ -212,7 +240,7 @@ def comparison(run: RunLayout, profile: str, student: str | os.PathLike | None, 
     pre-trained hierarchy to preserve). Scratch runs live in the run's shared baselines
     folder, named by their config, so notebooks 01, 03 and 05 share one when their configs
     agree; distilled ones under notebook 03's."""
-    overrides = dict(overrides or {})
+    overrides = run.on(overrides)
     out = []
     for seed in seeds:
         cfg = get_config("finetune", model, profile, overrides | {"pretrained": None, "layer_decay": 1.0, "seed": seed})
@@ -265,9 +293,30 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, devi
 def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -> dict[str, float]:
     """Linear probe of `model`'s frozen features on the labelled training images (the config's
     `data_limit` of them, the stratified subset fine-tuning sees), scored on val."""
-    (train_x, train_y), (val_x, val_y) = eval_tensors(cfg, "train", n=cfg.data_limit), eval_tensors(cfg, "val")
-    probe = linear_probe(features(model, train_x, device=device), train_y, features(model, val_x, device=device), val_y)
-    return probe | {"train_images": len(train_y), "val_images": len(val_y)}
+    train, val = eval_tensors(cfg, "train", n=cfg.data_limit), eval_tensors(cfg, "val")
+    probe = linear_probe(features(model, train.images, device=device), train.labels,
+                         features(model, val.images, device=device), val.labels)
+    return probe | {"train_images": len(train.labels), "val_images": len(val.labels)}
+
+
+def val_images(run: RunLayout, profile: str, n: int = 64) -> EvalImages:
+    """`n` val images of the run's data for the notebooks' pictures (a stratified subset; at
+    least one per class, so a many-class folder gives more, which the caller slices)."""
+    cfg = get_config("finetune", profile=profile, overrides=run.on())
+    return eval_tensors(cfg, "val", n=max(n, cfg.num_classes))
+
+
+def data_record(stage_dir: Path) -> dict[str, Any]:
+    """Which images a trained stage drew from (the engine's data.json in its folder)."""
+    return json.loads((stage_dir / "data.json").read_text())
+
+
+def segmentation_skip(cfg: Any) -> str | None:
+    """Why notebook 04 does not run on this config's data (None: it does)."""
+    if has_masks(cfg.data):
+        return None
+    return (f"no segmentation: {describe(cfg.data)} has no masks -- segmentation runs on the built-in synthetic "
+            "data or an ADE20K folder (images/ + annotations/); notebook 04 is skipped")
 
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,
@@ -297,7 +346,7 @@ def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict
         "scratch_steps": scratch["steps"],
         "scratch_seconds": scratch["train_seconds"],
         "scratch_top1": scratch["top1"],
-        "scratch_top5": scratch["top5"],
+        "scratch_top5": scratch.get("top5"),  # None with fewer than 5 classes
         "teacher_probe_top1": teacher_probe["top1"],
         "random_init_probe_top1": probe_model(random_init, cfg, device)["top1"],
     }

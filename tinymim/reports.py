@@ -16,6 +16,7 @@ from typing import Any
 
 from .checkpoints import atomic_write
 from .config import REPO_ROOT
+from .data import describe, is_builtin
 from .stats import Summary, mean_std, verdict
 
 
@@ -88,9 +89,25 @@ def _fmt(value: float | None) -> str:
 
 
 def _data_name(cfg: dict[str, Any] | None) -> str:
-    if not cfg:
-        return "unrecorded"
-    return "synthetic" if cfg.get("data") == "synthetic" else f"folders at {cfg['data']}"
+    return describe(cfg["data"]) if cfg and cfg.get("data") else "unrecorded data"
+
+
+def _own_c(cfg: dict[str, Any] | None) -> str | None:
+    """The name of the -C copy the kit synthesises from a run's own val images (robustness
+    key `synthetic_c`), e.g. synthetic-C, digits-C; None on ImageNet-scale folders' runs."""
+    if not cfg or not cfg.get("data") or cfg.get("profile") == "paper":
+        return None
+    data = str(cfg["data"])
+    return f"{data if is_builtin(data) else Path(data).name}-C"
+
+
+def _first_config(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The config of the first notebook that recorded one (what data the run is on)."""
+    for section in ("03_finetune", "02_distill_pretrain", "05_robustness", "04_segmentation", "01_models"):
+        cfg = (metrics.get(section) or {}).get("config") or (metrics.get(section) or {}).get("mae_config")
+        if cfg:
+            return cfg
+    return None
 
 
 def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -101,7 +118,7 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     ft, seg, rob = metrics.get("03_finetune"), metrics.get("04_segmentation"), metrics.get("05_robustness")
     pre = metrics.get("02_distill_pretrain") or {}
     cfg = (ft or {}).get("config") or (seg or {}).get("config") or pre.get("config")
-    synthetic = bool(cfg) and cfg.get("data") == "synthetic"
+    own = _own_c(cfg)  # the kit's -C copy of the run's val images
     model = (ft or seg or {}).get("model") or pre.get("student") or "student"
     source = f"{cfg['profile']} · {_data_name(cfg)} · {model}" if cfg else "this run"
     rows = []
@@ -113,7 +130,8 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                                "source": source}
         row["top1"] = Summary.from_dict(summary[arm]) if ft else "03 not run"
         if arm == "distilled":
-            row["mIoU"] = mean_std([seg["mIoU"]]) if seg else "04 not run"
+            row["mIoU"] = ("no masks in this data (04 skipped)" if seg and "skipped" in seg
+                           else mean_std([seg["mIoU"]]) if seg else "04 not run")
         else:
             row["mIoU"] = "not segmented (04 segments the distilled student)"
         robust = {r["model"]: r for r in (rob or {}).get("summary", [])}.get(arm)
@@ -123,12 +141,12 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             elif name in robust:
                 row[key] = mean_std([robust[name]])
             else:
-                row[key] = "no such data for synthetic classes" if synthetic else "dataset not given"
+                row[key] = f"ImageNet classes only; {own} instead" if own else "dataset not given"
         if robust is not None and "imagenet_c mCE" in robust:
             row["imagenet_c_mCE"] = mean_std([robust["imagenet_c mCE"]])
             row["c_mean_error"] = mean_std([robust["imagenet_c mean_error"]])
         elif robust is not None and "synthetic_c mean_error" in robust:
-            row["imagenet_c_mCE"] = "synthetic-C has no AlexNet reference; relative CE in 05"
+            row["imagenet_c_mCE"] = f"{own or 'synthetic-C'} has no AlexNet reference; relative CE in 05"
             row["c_mean_error"] = mean_std([robust["synthetic_c mean_error"]])
         else:
             row["imagenet_c_mCE"] = row["c_mean_error"] = "05 not run" if rob is None else "dataset not given"
@@ -248,7 +266,9 @@ def hyperparameter_tables(metrics: dict[str, Any]) -> list[str]:
         cfg = metrics.get(section, {}).get("config")
         lines += ["", f"### {table['title']}", ""]
         if cfg is None:
-            lines.append(f"— ({section} {'recorded no config' if section in metrics else 'not run'})")
+            skipped = metrics.get(section, {}).get("skipped")
+            lines.append(f"— ({section} skipped: {skipped})" if skipped else
+                         f"— ({section} {'recorded no config' if section in metrics else 'not run'})")
             continue
         lines += [f"`{cfg.get('model')}`, profile `{cfg.get('profile')}`, data `{cfg.get('data')}`; paper column: "
                   f"`{paper_counterpart(cfg.get('model', ''))}`. Rows in **bold** differ from the paper.", "",
@@ -274,7 +294,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         else:
             spread = "" if margin.std is None else f" ± {margin.std:.1f}"
             text = f"{'beats' if margin.mean > 0 else 'trails'} the from-scratch one by {abs(margin.mean):.1f}{spread} points top-1"
-        out.append(f"The distilled {ft.get('model')} {text} ({d:.1f} vs {sc:.1f} %, {data} data, "
+        out.append(f"The distilled {ft.get('model')} {text} ({d:.1f} vs {sc:.1f} %, on {data}, "
                    f"{n} seed{'s' if n > 1 else ''}, {ft.get('labelled_images') or 'all'} labelled images).")
     mod = metrics.get("01_models", {})
     if "teacher_probe_top1" in mod:
@@ -282,14 +302,17 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         out.append(f"The MAE teacher's linear probe reaches {t:.1f} % against {r:.1f} % for a randomly initialised "
                    f"ViT of its size ({t - r:+.1f} points): {'pre-training learned features' if t > r else 'no gain from pre-training'}.")
     seg = metrics.get("04_segmentation")
-    if seg:
+    if seg and "skipped" in seg:
+        out.append(f"Segmentation did not run: {seg['skipped']}.")
+    elif seg:
         out.append(f"UperNet on the distilled {seg.get('model')} reaches {seg['mIoU']:.1f} mIoU against "
                    f"{seg['majority_class_mIoU']:.1f} for labelling every pixel with the majority class.")
     rob = {r["model"]: r for r in metrics.get("05_robustness", {}).get("summary", [])}
     key = next((k for k in ("imagenet_c mean_error", "synthetic_c mean_error") if k in rob.get("distilled", {})), None)
     if key and key in rob.get("scratch", {}):
         d, s = rob["distilled"][key], rob["scratch"][key]
-        out.append(f"Under {'ImageNet-C' if key.startswith('imagenet') else 'synthetic-C'} corruptions the distilled model's mean top-1 error is "
+        name = "ImageNet-C" if key.startswith("imagenet") else _own_c(ft.get("config") if ft else None) or "synthetic-C"
+        out.append(f"Under {name} corruptions the distilled model's mean top-1 error is "
                    f"{d:.1f} % against {s:.1f} % from scratch ({d - s:+.1f} points).")
     pre = metrics.get("02_distill_pretrain")
     if pre:
@@ -415,7 +438,8 @@ def render_report(runs: list[str | os.PathLike], out: str | os.PathLike | None =
     paper = _resource("paper_results.json")
     md = ["# TinyMIM reproduction report", "",
           f"Run{'s' if len(run_dirs) > 1 else ''}: " + ", ".join(f"`{_shown(r)}`" for r in run_dirs) + ". "
-          "Every run number below was measured by this run and recorded in its `metrics.json`; a gap says why.", ""]
+          "Every run number below was measured by this run and recorded in its `metrics.json`; a gap says why.", "",
+          f"Data: {_data_name(_first_config(metrics))}.", ""]
     if len(run_dirs) > 1:
         md += ["## Runs side by side", "", *comparison_table(run_dirs), ""]
     md += ["## Results next to the paper", "",

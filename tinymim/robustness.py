@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from .config import cache_dir, derive_seed
 from .data import DataError, ImageNetFolder, describe, folder_classes, is_builtin, resource_lines
 from .devices import loader_options
-from .evaluation import argmax, eval_tensors, eval_transform, predict
+from .evaluation import argmax, check_input_size, eval_tensors, eval_transform, predict
 
 ALEXNET = json.loads(resources.files("tinymim.resources").joinpath("imagenet_c_alexnet_err.json").read_text())
 CORRUPTIONS = tuple(ALEXNET["corruptions_15"])
@@ -280,11 +280,6 @@ def corruption_metrics(errors: dict[str, dict[int, float]], clean_error: float |
 # one call per model
 
 
-def _head_size(model: nn.Module) -> int | None:
-    head = getattr(model, "head", None)
-    return getattr(head, "out_features", None)
-
-
 def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = None, imagenet_r: str | None = None,
                         imagenet_c: str | None = None, baseline_errors: dict | None = None,
                         device: str | torch.device | None = "auto",
@@ -299,10 +294,6 @@ def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = Non
     if not given and not is_builtin(cfg.data) and not (Path(cfg.data) / "val").is_dir():
         raise DataError(f"nothing to evaluate: {cfg.data} has no val/ folder to make a -C copy of; give the ImageNet-A, "
                         f"-R and/or -C folders (--imagenet-a/--imagenet-r/--imagenet-c; notebooks: imagenet_a=..., ...)")
-    width = _head_size(model)
-    if given and width not in (None, 1000):
-        raise DataError(f"{', '.join(given)}: ImageNet-A/R/C are scored by a 1000-way ImageNet-1K classifier; this "
-                        f"model has a {width}-way head (evaluate it on its own data's -C: drop {given[0]})")
     # every input checked before any compute: folders present, class folders known
     wnids = set(resource_lines("imagenet_1k_wnids.txt"))
     roots = {name: root for name, root in (("imagenet_a", imagenet_a), ("imagenet_r", imagenet_r)) if root}
@@ -314,9 +305,15 @@ def evaluate_robustness(model: nn.Module, cfg: Any, imagenet_a: str | None = Non
         unknown = sorted(set(folder_classes(path)) - known)
         if unknown:
             raise DataError(f"{path}: class folder(s) {unknown[:5]} are not {what} wnids")
+    width = getattr(model, "num_classes", None)  # timm's classifier width
+    if given and width not in (None, 1000):
+        raise DataError(f"{', '.join(given)}: ImageNet-A/R/C are scored by a 1000-way ImageNet-1K classifier; this "
+                        f"model has a {width}-way head (evaluate it on its own data's -C: drop {given[0]})")
+    check_input_size(model, cfg.input_size)
     out: dict[str, Any] = {}
     if not given:
-        images, labels = eval_tensors(cfg, "val", classes, cfg.num_images)
+        val = eval_tensors(cfg, "val", classes, cfg.num_images)
+        images, labels = val.images, val.labels
         res = errors_on_tensors(model, images, labels, cfg.corruptions, cfg.severities, cfg.seed, device)
         out["synthetic_c"] = {**res, **corruption_metrics(res["errors"], res["clean"], baseline_errors,
                                                           cfg.corruptions, cfg.severities, alexnet=False),

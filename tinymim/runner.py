@@ -121,7 +121,7 @@ def run(
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    run_dir = resolve_run_dir(out, profile)
+    run_dir = resolve_run_dir(out, profile, (parameters or {}).get("data"))
     state_path = run_dir / "runner.json"
     state = _read_state(state_path)
     params = {"profile": profile, "run_dir": str(run_dir), **(parameters or {})}
@@ -203,7 +203,7 @@ def submit_detached(profile: str, out: str | os.PathLike | None, only: Sequence[
     spec = Cluster.from_dict(cluster)
     driver = Cluster(partition=spec.partition, account=spec.account, qos=spec.qos, time=spec.time,
                      signal_delay_s=spec.signal_delay_s)  # one task: the stages' jobs have the GPUs
-    run_dir = resolve_run_dir(out, profile)
+    run_dir = resolve_run_dir(out, profile, (parameters or {}).get("data"))
     state_path = run_dir / "runner.json"
     state = _read_state(state_path)
     params = {"profile": profile, "run_dir": str(run_dir), **(parameters or {}), "cluster": spec.to_dict()}

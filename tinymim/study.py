@@ -62,7 +62,7 @@ BUDGETS = {
     # what reports/study was made with (its REPORT.md states the time): short enough for all arms
     # and 3 seeds within an hour on a 2-core CPU; the UperNet gets enough steps to leave the
     # majority-class floor at a narrower head
-    "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=240, segmentation_steps=300,
+    "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
                     segmentation_batch=16, segmentation_channels=32, corruption_images=200),
     # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
     "tiny": Budget(pretrain_steps=4, pretrain_batch=16, finetune_steps=4, segmentation_steps=2, segmentation_batch=8,

@@ -72,11 +72,13 @@ def classes_of(data: str) -> list[str]:
 
 
 def has_masks(data: str) -> bool:
-    """Whether segmentation can run on the dataset: the synthetic data's masks, or a folder in
-    ADE20K's layout (images/ + annotations/)."""
-    if data == "synthetic":
-        return True
-    return not is_builtin(data) and (Path(data) / "annotations").is_dir() and (Path(data) / "images").is_dir()
+    """Whether segmentation can run on the dataset: the synthetic data's masks, or a folder that
+    is not an image-classification root (train/ class folders without annotations/): an ADE20K
+    root, whose layout its loader checks and names."""
+    if is_builtin(data):
+        return data == "synthetic"
+    root = Path(data)
+    return not ((root / "train").is_dir() and not (root / "annotations").is_dir())
 
 
 def describe(data: str) -> str:

@@ -68,22 +68,27 @@ class _Group:
     labels: torch.Tensor
     masks: torch.Tensor | None
     paths: list[str]
+    source_files: list[str] | None = None  # a folder's image files the clean crops come from
 
     @property
     def clean(self) -> bool:
         return self.corruption == "clean"
 
 
-def _groups(folder: Path, num_images: int, corrupted_images: int, severity: int) -> tuple[list[_Group], list[str]]:
-    """The synthetic val images, clean and under every synthetic-C corruption, as PNG files."""
-    from ..data import synthetic
+def _groups(folder: Path, run: RunLayout, num_images: int, corrupted_images: int,
+            severity: int) -> tuple[list[_Group], list[str]]:
+    """`num_images` val images of the run's data (a stratified subset), clean and under every
+    synthesised -C corruption, as PNG files of what the models see (a folder's images through the
+    evaluation crop, so heat maps and masks line up; `source_files` names each crop's file)."""
+    from ..evaluation import eval_tensors
     from ..presets import get_config
     from ..robustness import corrupted_copy
 
-    rcfg = get_config("robustness", profile="smoke")
-    val = synthetic("val", get_config("finetune", profile="smoke"), size=num_images)
-    clean = val.images.permute(0, 2, 3, 1).numpy()
-    groups = [_Group("clean", None, clean, val.labels, val.masks, _write_pngs(clean, folder / "clean", "val"))]
+    rcfg = get_config("robustness", profile="smoke", overrides=run.on())
+    val = eval_tensors(get_config("finetune", profile="smoke", overrides=run.on()), "val", n=num_images)
+    clean = val.images.permute(0, 2, 3, 1).contiguous().numpy()
+    groups = [_Group("clean", None, clean, val.labels, val.masks, _write_pngs(clean, folder / "clean", "val"),
+                     val.paths)]
     for c in rcfg.corruptions:
         bad = corrupted_copy(clean[:corrupted_images], c, severity, rcfg.seed)
         groups.append(_Group(c, severity, bad, val.labels[:corrupted_images], None,
@@ -111,6 +116,8 @@ def _samples(fo: Any, groups: list[_Group], names: list[str], classifiers: dict[
         for i, path in enumerate(g.paths):
             s = fo.Sample(filepath=path, tags=["clean" if g.clean else "corrupted"], corruption=g.corruption,
                           severity=g.severity, ground_truth=fo.Classification(label=names[int(g.labels[i])]))
+            if g.source_files is not None:
+                s["source_file"] = g.source_files[i]
             if g.masks is not None:
                 s["gt_mask"] = fo.Segmentation(mask=g.masks[i].numpy().astype(np.uint8))
             for m, lg in logits.items():
@@ -163,11 +170,11 @@ def _evaluate_and_save_views(ds: Any, classifiers: list[RunModel], segmented: bo
 def build_fiftyone(run_dir: str | os.PathLike, profile: str = "smoke", num_images: int = 200,
                    corrupted_images: int = 10, severity: int = 3, launch_app: bool = False,
                    device: str | None = "auto") -> dict[str, Any]:
-    """A persistent FiftyOne dataset of a run directory on the synthetic val split (re-running
-    replaces it, never duplicates): images with label and mask; each fine-tuned classifier's
+    """A persistent FiftyOne dataset of a run directory on its data's val split (re-running
+    replaces it, never duplicates): images with label and (synthetic data) mask; each fine-tuned classifier's
     prediction (confidence, logits) and top-5 as `pred_<arm>_s<seed>`; the segmenter's masks; the
     teacher's and student's class-token attention in their last block (mean over heads) as heat
-    maps; `corrupted_images` images under every synthetic-C corruption at `severity`, with
+    maps; `corrupted_images` images under every synthesised -C corruption at `severity`, with
     `corruption`/`severity` fields. Runs FiftyOne's classification and segmentation evaluations
     and saves the views `misclassified_<arm>_s<seed>`, `distilled_vs_scratch` and
     `hardest_corruption`; the App opens on the ground truth and the first prediction. Returns a
@@ -176,7 +183,7 @@ def build_fiftyone(run_dir: str | os.PathLike, profile: str = "smoke", num_image
 
     fo = _fiftyone()
     run = layout(run_dir, profile)
-    groups, names = _groups(run.stage_dir("explore") / "fiftyone", num_images, corrupted_images, severity)
+    groups, names = _groups(run.stage_dir("explore") / "fiftyone", run, num_images, corrupted_images, severity)
     entries = run_models(run)
     classifiers = {m: load_model(m.path) for m in entries if m.classifier}
     encoders = {m: load_model(m.path) for m in entries if not m.classifier}

@@ -119,8 +119,8 @@ def _png(images: list[Image.Image]) -> bytes:
 class AttentionExplorer:
     """Attention maps of one or two models on an image, driven by widgets.
 
-    `AttentionExplorer(run_dir)` explores every model of a run directory on the synthetic
-    val split; `AttentionExplorer(models={...}, images=..., labels=..., class_names=...)`
+    `AttentionExplorer(run_dir)` explores every model of a run directory on 200 val images of
+    the run's data (a stratified subset); `AttentionExplorer(models={...}, images=..., labels=..., class_names=...)`
     any models (modules, checkpoint paths, `timm:` names) on any uint8 images. Display it
     with `display(explorer)` (or as the last expression of a cell).
     """
@@ -132,15 +132,17 @@ class AttentionExplorer:
         import ipywidgets as W
 
         sources: dict[str, Any] = dict(models or {})
-        entries = run_models(layout(run_dir, profile)) if run_dir is not None and not sources else []
+        run = layout(run_dir, profile) if run_dir is not None else None
+        entries = run_models(run) if run is not None and not sources else []
         sources = sources or {m.name: m.path for m in entries}
         if not sources:
             raise ValueError("no models to explore: pass run_dir (with notebooks 01-03 run into it) or models={...}")
-        if images is None:
-            from ..data import synthetic
+        if images is None:  # the run's own val images (a folder's through the evaluation crop)
+            from ..evaluation import eval_tensors
             from ..presets import get_config
 
-            val = synthetic("val", get_config("finetune", profile="smoke"), size=200)
+            cfg = get_config("finetune", profile="smoke", overrides=run.on() if run is not None else None)
+            val = eval_tensors(cfg, "val", n=max(200, cfg.num_classes))
             images, labels, class_names = val.images, val.labels, val.classes
         self.sources, self.images, self.labels = sources, images, labels
         self.class_names = class_names or []
