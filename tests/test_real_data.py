@@ -132,18 +132,18 @@ def test_tinymim_run_on_real_images_runs_01_to_07_and_says_which_data(data, tmp_
     from tinymim.__main__ import main
 
     monkeypatch.delenv("TINYMIM_RUN_DIR", raising=False)
-    root = str(real_format_folder(tmp_path / "data")) if data == "folder" else "digits"
+    root = str(real_format_folder(tmp_path / "data", n_train=12)) if data == "folder" else "digits"
     out = tmp_path / "run"
     assert main(["run", "--profile", "tiny", "--data", root, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"01_models", "02_distill_pretrain", "03_finetune", "04_segmentation", "05_robustness",
                             "06_explore"}
-    assert "no masks" in metrics["04_segmentation"]["skipped"]
+    assert "has no masks" in metrics["04_segmentation"]["skipped"]
     assert metrics["03_finetune"]["data"]["data"] == (root if data == "digits" else str(tmp_path / "data"))
-    assert metrics["03_finetune"]["labelled_images"] == (24 if data == "folder" else 128)  # tiny data_limit 128
+    assert metrics["03_finetune"]["labelled_images"] == (36 if data == "folder" else 128)  # tiny data_limit 128
     assert metrics["06_explore"]["fiftyone"]["samples"] > 0
     report = (out / "REPORT.md").read_text()
-    named = "the image folders at" if data == "folder" else "handwritten digits"
+    named = "the image folders at" if data == "folder" else "scikit-learn's handwritten digits"
     assert f"Data: {named}" in report and "no masks in this data (04 skipped)" in report
     assert json.loads((out / "run.json").read_text())["data"] == (root if data == "digits" else str(tmp_path / "data"))
     with pytest.raises(DataError, match="holds a run on"):  # one run directory, one dataset

@@ -48,7 +48,7 @@ def test_robustness_on_synthetic_data_fills_mean_error_not_mce():
     rows = reports.run_results(m)
     assert rows[0]["mIoU"] == mean_std([19.8]) and rows[0]["c_mean_error"] == mean_std([76.6])
     assert "no AlexNet reference" in rows[0]["imagenet_c_mCE"]
-    assert rows[0]["imagenet_a"] == "no such data for synthetic classes"
+    assert rows[0]["imagenet_a"] == "ImageNet classes only; synthetic-C instead"
     assert any("76.6 % against 82.9 %" in f for f in reports.findings(m))
 
 

@@ -122,7 +122,7 @@ def test_synthetic_robustness_report_end_to_end(tmp_path, monkeypatch):
     from tinymim.robustness import evaluate_robustness, summary
 
     monkeypatch.setenv("TINYMIM_CACHE", str(tmp_path))
-    cfg = get_config("robustness", profile="smoke", overrides={"num_images": "8", "corruptions": "contrast,fog",
+    cfg = get_config("robustness", profile="smoke", overrides={"num_images": "10", "corruptions": "contrast,fog",
                                                                 "severities": "1,3"})
     torch.manual_seed(0)
     model = build_model(ModelSpec.create("micro_tiny", num_classes=10))
@@ -132,6 +132,9 @@ def test_synthetic_robustness_report_end_to_end(tmp_path, monkeypatch):
     assert row["synthetic_c baseline_mCE"] == pytest.approx(100.0)  # the same model against itself
     assert "synthetic_c mCE" not in row  # no AlexNet reference for a non-standard table
     assert set(other["synthetic_c"]["definitions"]) == {"mean_error", "baseline_mCE"}
+    assert other["synthetic_c"]["images"] == 10  # a stratified subset: one per class
+    with pytest.raises(DataError, match=r"num_images=8 of 2000 images would leave out 2 class\(es\)"):
+        evaluate_robustness(model, get_config("robustness", profile="smoke", overrides={"num_images": 8}))
 
 
 def test_any_folder_gets_a_c_version_the_walker_reads(tmp_path):

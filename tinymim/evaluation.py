@@ -100,22 +100,23 @@ class EvalImages:
     paths: list[str] | None = None
 
 
-def eval_tensors(cfg: Any, split: str, classes: Sequence[str] | None = None, n: int | None = None) -> EvalImages:
+def eval_tensors(cfg: Any, split: str, classes: Sequence[str] | None = None, n: int | None = None,
+                 what: str = "num_images") -> EvalImages:
     """A split of the config's data as evaluation sees it: a built-in split, or `<data>/<split>`
     class folders (labelled by `classes`; None: the sorted train folders) through MAE's
     evaluation crop. `n`: a stratified subset of that many (`data.limit`, seeded by
-    `data_seed`), never the first n. What the linear probes, the synthesised -C copy, the
-    explorer and FiftyOne read."""
+    `data_seed`), never the first n; `what` names the setting in the error when `n` is below
+    the class count. What the linear probes, the synthesised -C copy, the explorer and FiftyOne read."""
     from .data import ImageNetFolder, MemoryImages, builtin, classes_of, is_builtin, limit, split_dir
 
     if is_builtin(cfg.data):
         ds = builtin(split, cfg)
-        pick = limit(MemoryImages(ds.images, ds.labels, classes=ds.classes), n, cfg.data_seed).indices
+        pick = limit(MemoryImages(ds.images, ds.labels, classes=ds.classes), n, cfg.data_seed, what).indices
         return EvalImages(ds.images[pick], ds.labels[pick], list(ds.classes),
                           None if ds.masks is None else ds.masks[pick])
     folder = ImageNetFolder(split_dir(cfg.data, split), classes=classes or classes_of(cfg.data),
                             transform=eval_transform(cfg.input_size, eval_resize(cfg.input_size)))
-    pick = limit(folder, n, cfg.data_seed).indices
+    pick = limit(folder, n, cfg.data_seed, what).indices
     items = [folder[i] for i in pick]
     return EvalImages(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), list(folder.classes),
                       paths=[folder.samples[i][0] for i in pick])

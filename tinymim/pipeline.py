@@ -23,7 +23,7 @@ import torch
 
 from .checkpoints import atomic_write_json, load_teacher
 from .config import REPO_ROOT, FinetuneConfig, cache_dir
-from .data import DataError, classes_of, describe, has_masks, is_builtin
+from .data import DataError, classes_of, describe, has_masks, is_builtin, short_name
 from .evaluation import EvalImages, eval_tensors, features, linear_probe
 from .launch import train_stage
 from .models import ModelSpec, build_model, model_spec
@@ -47,7 +47,7 @@ def default_run_dir(profile: str, data: str | None = None) -> Path:
     env = os.environ.get("TINYMIM_RUN_DIR")
     if env:
         return Path(env)
-    suffix = "" if data in (None, "synthetic") else "-" + (data if is_builtin(data) else Path(data).name)
+    suffix = "" if data in (None, "synthetic") else f"-{short_name(data)}"
     return REPO_ROOT / "reports" / f"{profile}{suffix}"
 
 
@@ -293,7 +293,7 @@ def obtain_classifiers(run: RunLayout, profile: str, progress: bool = True, devi
 def probe_model(model: torch.nn.Module, cfg: Any, device: str | None = "auto") -> dict[str, float]:
     """Linear probe of `model`'s frozen features on the labelled training images (the config's
     `data_limit` of them, the stratified subset fine-tuning sees), scored on val."""
-    train, val = eval_tensors(cfg, "train", n=cfg.data_limit), eval_tensors(cfg, "val")
+    train, val = eval_tensors(cfg, "train", n=cfg.data_limit, what="data_limit"), eval_tensors(cfg, "val")
     probe = linear_probe(features(model, train.images, device=device), train.labels,
                          features(model, val.images, device=device), val.labels)
     return probe | {"train_images": len(train.labels), "val_images": len(val.labels)}
@@ -315,8 +315,8 @@ def segmentation_skip(cfg: Any) -> str | None:
     """Why notebook 04 does not run on this config's data (None: it does)."""
     if has_masks(cfg.data):
         return None
-    return (f"no segmentation: {describe(cfg.data)} has no masks -- segmentation runs on the built-in synthetic "
-            "data or an ADE20K folder (images/ + annotations/); notebook 04 is skipped")
+    return (f"Segmentation skipped: {describe(cfg.data)} has no masks (segmentation runs on the built-in "
+            "synthetic data or an ADE20K folder: images/ + annotations/)")
 
 
 def smoke_learnability(teacher: torch.nn.Module, run: RunLayout, overrides: dict | None = None,

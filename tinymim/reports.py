@@ -16,7 +16,7 @@ from typing import Any
 
 from .checkpoints import atomic_write
 from .config import REPO_ROOT
-from .data import describe, is_builtin
+from .data import describe, short_name
 from .stats import Summary, mean_std, verdict
 
 
@@ -88,8 +88,10 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _data_name(cfg: dict[str, Any] | None) -> str:
-    return describe(cfg["data"]) if cfg and cfg.get("data") else "unrecorded data"
+def _data_name(cfg: dict[str, Any] | None, short: bool = False) -> str:
+    if not cfg or not cfg.get("data"):
+        return "unrecorded data"
+    return short_name(cfg["data"]) if short else describe(cfg["data"])
 
 
 def _own_c(cfg: dict[str, Any] | None) -> str | None:
@@ -97,8 +99,7 @@ def _own_c(cfg: dict[str, Any] | None) -> str | None:
     key `synthetic_c`), e.g. synthetic-C, digits-C; None on ImageNet-scale folders' runs."""
     if not cfg or not cfg.get("data") or cfg.get("profile") == "paper":
         return None
-    data = str(cfg["data"])
-    return f"{data if is_builtin(data) else Path(data).name}-C"
+    return f"{short_name(str(cfg['data']))}-C"
 
 
 def _first_config(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -120,7 +121,7 @@ def run_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     cfg = (ft or {}).get("config") or (seg or {}).get("config") or pre.get("config")
     own = _own_c(cfg)  # the kit's -C copy of the run's val images
     model = (ft or seg or {}).get("model") or pre.get("student") or "student"
-    source = f"{cfg['profile']} · {_data_name(cfg)} · {model}" if cfg else "this run"
+    source = f"{cfg['profile']} · {_data_name(cfg, short=True)} · {model}" if cfg else "this run"
     rows = []
     summary = (ft or {}).get("summary", {})
     for arm in ("distilled", "scratch"):
@@ -303,7 +304,7 @@ def findings(metrics: dict[str, Any]) -> list[str]:
                    f"ViT of its size ({t - r:+.1f} points): {'pre-training learned features' if t > r else 'no gain from pre-training'}.")
     seg = metrics.get("04_segmentation")
     if seg and "skipped" in seg:
-        out.append(f"Segmentation did not run: {seg['skipped']}.")
+        out.append(f"{seg['skipped']}.")
     elif seg:
         out.append(f"UperNet on the distilled {seg.get('model')} reaches {seg['mIoU']:.1f} mIoU against "
                    f"{seg['majority_class_mIoU']:.1f} for labelling every pixel with the majority class.")

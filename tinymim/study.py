@@ -24,7 +24,7 @@ from typing import Any
 
 from .checkpoints import atomic_write, atomic_write_json
 from .config import REPO_ROOT, cache_dir
-from .data import describe, has_masks, is_builtin
+from .data import describe, has_masks, is_builtin, short_name
 from .devices import environment
 from .launch import train_stage
 from .pipeline import config_key, copy_teacher, smoke_teacher, smoke_teacher_run
@@ -59,9 +59,9 @@ class Budget:
 
 
 BUDGETS = {
-    # what reports/study was made with (its REPORT.md states the time): short enough for all arms
-    # and 3 seeds within an hour on a 2-core CPU; the UperNet gets enough steps to leave the
-    # majority-class floor at a narrower head
+    # what reports/study and reports/study-digits were made with (their REPORT.md state the time):
+    # all arms and 3 seeds in about an hour on a 2-core CPU; the UperNet gets enough steps to
+    # leave the majority-class floor at a narrower head
     "study": Budget(pretrain_steps=150, pretrain_batch=128, finetune_steps=250, segmentation_steps=500,
                     segmentation_batch=16, segmentation_channels=32, corruption_images=200),
     # seconds per arm: checks the machinery (the tests, a first look); its numbers mean nothing
@@ -246,7 +246,7 @@ def default_out(budget: str, data: str = "synthetic") -> Path:
     ($TINYMIM_RUN_DIR/... when set); a smaller budget's numbers mean little, and a folder of
     your own is yours: those go to the cache, never beside the committed reports."""
     env = os.environ.get("TINYMIM_RUN_DIR")
-    name = "study" + ("" if data == "synthetic" else f"-{data if is_builtin(data) else Path(data).name}")
+    name = "study" + ("" if data == "synthetic" else f"-{short_name(data)}")
     name += "" if budget == "study" else f"-{budget}"
     if env:
         return Path(env) / name
@@ -421,10 +421,36 @@ def plot_study(results: Sequence[dict[str, Any]]):
     return fig
 
 
-def render_study(out: str | os.PathLike) -> dict[str, Path]:
+def beside_table(results: Sequence[dict[str, Any]], other: Path, here: Path | str) -> list[str]:
+    """Each finding's top-1 verdict in this study and in the study at `other` (another dataset
+    under the same budget), and whether they agree: where the finding depends on the data."""
+    theirs = {f["rows"] + f["claim"]: f for f in json.loads((other / "metrics.json").read_text())["findings"]}
+    state = json.loads((other / "metrics.json").read_text())["state"]
+    name = state.get("data", "synthetic")
+    shown = other.resolve().relative_to(REPO_ROOT) if other.resolve().is_relative_to(REPO_ROOT) else other
+    lines = [f"## Beside the study on {name} (`{shown}`)", "",
+             f"The same arms, budget and seeds on {name}; top-1 verdicts side by side (gains in points).", "",
+             f"| row | claim | here | on {name} | |", "|---|---|---|---|---|"]
+    agree = compared = 0
+    for f in findings_table(results):
+        other_f = theirs.get(f["rows"] + f["claim"])
+        if other_f is None:
+            continue
+        g = other_f["top1"]["gain"]
+        other_gain = Summary.from_dict(g) if g else None
+        same = f["top1"]["verdict"] == other_f["top1"]["verdict"]
+        agree, compared = agree + same, compared + 1
+        lines.append(f"| {f['rows']} | {f['claim']} | {f['top1']['verdict']} ({_pm(f['top1']['gain'])}) | "
+                     f"{other_f['top1']['verdict']} ({_pm(other_gain)}) | {'agree' if same else 'differ'} |")
+    lines += ["", f"{agree} of {compared} findings get the same top-1 verdict on both datasets."]
+    return lines
+
+
+def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None) -> dict[str, Path]:
     """REPORT.md, report.html, figures/study.png and metrics.json (every run's numbers,
-    the summary and the verdicts) of the study in `out`, from its runs' result.json."""
-    out = Path(out)
+    the summary and the verdicts) of the study in `out`, from its runs' result.json; with
+    `beside`, another study's folder, a table of where their verdicts agree."""
+    out, beside = Path(out), (Path(beside) if beside else None)
     results = sorted((json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")),
                      key=lambda r: ([a.name for a in ARMS].index(r["arm"]), r["seed"]))
     if not results:
@@ -446,18 +472,20 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
     where = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where
     scratch, teacher = summary.get("scratch", {}).get("top1"), summary.get("teacher", {}).get("top1")
     data = state.get("data", "synthetic")
-    c_name = f"{data if is_builtin(data) else Path(data).name}-C"
+    c_name = f"{short_name(data)}-C"
     metrics = [m for m in METRICS if any(r.get(m) is not None for r in results)]  # no mIoU without masks
     labelled = sorted({r["labelled_images"] for r in results if "labelled_images" in r})
     teacher_min = (state.get("teacher_seconds") or 0) / 60
     segmented = "mIoU" in metrics
-    rob = results[0]["configs"]["robustness"]
+    rob = results[0].get("configs", {}).get("robustness")  # one corrupted set for every run
+    corrupted = (f": {rob['num_images']} of its val images (a stratified subset) under {len(rob['corruptions'])} "
+                 f"corruptions at {len(rob['severities'])} severities, which the kit synthesises" if rob else "")
     title = {"synthetic": "the built-in synthetic data", "digits": "real handwritten digits"}.get(data, "your images")
     md = [f"# Does TinyMIM hold at micro scale? A reproduction study on {title}",
           "",
           f"Every number below was measured by `tinymim study` in `{where}` and is in `metrics.json`: "
           f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
-          f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None)}). "
+          f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None and (segmented or 'segment' not in k))}). "
           f"Training and evaluation took {train_min:.1f} min on {_host(state.get('environment'))} "
           f"(per seed: {per_seed} min); the MAE teacher took {teacher_min:.1f} min more (from its logged "
           f"throughput; it is trained once per data and cached): {train_min + teacher_min:.1f} min in all.", "",
@@ -471,8 +499,7 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
           "of steps"
           + (", trained as a UperNet segmenter for the same number of steps" if segmented else
              " (no segmentation: this data has no masks)")
-          + f" and tested on {c_name}: {rob['num_images']} of its val images (a stratified subset) under "
-          f"{len(rob['corruptions'])} corruptions at {len(rob['severities'])} severities, which the kit synthesises. "
+          + f" and tested on {c_name}{corrupted}. "
           "Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the paired "
           "difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
     if scratch and teacher:
@@ -501,6 +528,8 @@ def render_study(out: str | os.PathLike) -> dict[str, Path]:
     md += [f"- {v['rows']} {v['claim']}: **{v['top1']['verdict']}** "
            f"({_pm(v['top1']['gain'])} points over {v['top1']['gain'].n if v['top1']['gain'] else 0} seeds)."
            for v in verdicts]
+    if beside is not None:
+        md += ["", *beside_table(results, beside, where)]
     md += ["", "## Figures", "", "![study](figures/study.png)", ""]
     text = "\n".join(md) + "\n"
     atomic_write_json(_plain({"state": state, "runs": results, "summary": summary, "findings": verdicts}),

@@ -81,6 +81,12 @@ def has_masks(data: str) -> bool:
     return not ((root / "train").is_dir() and not (root / "annotations").is_dir())
 
 
+def short_name(data: str) -> str:
+    """A dataset's name in a column, a folder name or a "-C" label: the built-in name, or the
+    folder's own name."""
+    return data if is_builtin(data) else Path(data).name
+
+
 def describe(data: str) -> str:
     """One line naming a dataset, for reports and logs."""
     if data == "synthetic":
@@ -102,7 +108,7 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     raise DataError(f"{path}: no '{split}' folder under the dataset root {root}")
 
 
-def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[int]:
+def stratified(labels: list[int], n: int, seed: int, names: list[str], what: str = "data_limit") -> list[int]:
     """`n` sample indices drawn per class in proportion to the class sizes (largest remainders,
     at least one each), seeded, in file order. The first `n` files of a folder are sorted by
     class -- a few classes only -- so `data_limit` draws this instead, and refuses a subset
@@ -124,9 +130,9 @@ def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[i
             quota[k] = 1
         missed = []
     if missed:
-        raise DataError(f"data_limit={n} of {len(labels)} images would leave out {len(missed)} class(es) "
+        raise DataError(f"{what}={n} of {len(labels)} images would leave out {len(missed)} class(es) "
                         f"{missed[:5]}{' ...' if len(missed) > 5 else ''}: a stratified subset needs at least one image "
-                        f"per class; raise data_limit (or drop it)")
+                        f"per class; raise {what} to {len(classes)} or more (or drop it)")
     picked: list[int] = []
     for c, q in zip(classes, quota):
         rng = np.random.default_rng([seed, c])
@@ -134,12 +140,13 @@ def stratified(labels: list[int], n: int, seed: int, names: list[str]) -> list[i
     return sorted(picked)
 
 
-def limit(source: Any, n: int | None, seed: int = 0) -> Subsample:
+def limit(source: Any, n: int | None, seed: int = 0, what: str = "data_limit") -> Subsample:
     """At most `n` samples of a labelled `source` (config `data_limit`), stratified by class
     (`stratified`, seeded by `data_seed`, so every run seed sees the same subset), with a
     `record` of what was drawn (the run's data.json)."""
     labels = source.targets
-    picked = list(range(len(labels))) if n is None or n >= len(labels) else stratified(labels, n, seed, source.classes)
+    picked = (list(range(len(labels))) if n is None or n >= len(labels)
+              else stratified(labels, n, seed, source.classes, what))
     counts: dict[str, int] = {}
     for i in picked:
         counts[source.classes[labels[i]]] = counts.get(source.classes[labels[i]], 0) + 1
@@ -177,5 +184,5 @@ __all__ = [
     "LoaderBatches", "MemoryImages", "SHAPES", "SMOKE_SPLITS", "Segment", "Subsample", "SyntheticShapes",
     "SyntheticSpec", "TensorBatches", "Views", "batches", "builtin", "cached_folder", "check_images", "classes_of",
     "decode_file", "describe", "folder_classes", "has_masks", "is_builtin", "limit", "open_rgb", "reduce_zero_label",
-    "resource_lines", "split_dir", "stratified", "synthetic", "train_source",
+    "resource_lines", "short_name", "split_dir", "stratified", "synthetic", "train_source",
 ]
