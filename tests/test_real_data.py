@@ -150,3 +150,18 @@ def test_tinymim_run_on_real_images_runs_01_to_07_and_says_which_data(data, tmp_
         from tinymim.pipeline import layout
 
         layout(out, "tiny", "synthetic")
+
+
+def test_a_run_directory_holds_one_dataset(tmp_path):
+    from tinymim.pipeline import layout
+
+    run = layout(tmp_path / "run", "smoke")
+    assert run.data == "synthetic" and json.loads((run.root / "run.json").read_text()) == {"data": "synthetic"}
+    assert run.on({"steps": 3}) == {"data": "synthetic", "steps": 3}
+    assert layout(tmp_path / "run", "smoke").data == "synthetic"  # a later notebook without `data`
+    with pytest.raises(DataError, match="holds a run on synthetic, not digits"):
+        layout(tmp_path / "run", "smoke", "digits")
+    root = real_format_folder(tmp_path / "data")
+    mine = layout(tmp_path / "mine", "smoke", str(root))
+    assert layout(tmp_path / "mine", "smoke").data == str(root.resolve()) == mine.data
+    assert layout(tmp_path / "paper", "paper").data is None  # paper: each stage's preset folder

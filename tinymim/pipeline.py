@@ -117,21 +117,24 @@ class RunLayout:
 
 
 def layout(run_dir: str | os.PathLike | None, profile: str, data: str | None = None) -> RunLayout:
-    """The run directory on `data` (None: what the directory records, else each stage's preset's).
-    The first notebook records it; a later one on other data is refused -- a teacher made on one
-    dataset must not be read back as another's."""
+    """The run directory on `data` (None: what the directory records, else the smoke presets'
+    synthetic data, or in `paper` each stage's preset folder). The first notebook records it; a
+    later one on other data is refused -- a teacher made on one dataset must not be read back as
+    another's."""
     root = resolve_run_dir(run_dir, profile, data)
     record = root / RUN_RECORD
     recorded = json.loads(record.read_text())["data"] if record.exists() else None
-    if data is not None and not is_builtin(data):
+    if data is None:
+        data = recorded or (None if profile == "paper" else "synthetic")
+    elif not is_builtin(data):
         data = str(Path(data).resolve())
         classes_of(data)  # a folder with train/ class folders, checked before any work
-    if data is not None and recorded is not None and data != recorded:
+    if recorded is not None and data != recorded:
         raise DataError(f"{root}: holds a run on {recorded}, not {data}; use another run directory "
-                           f"(--out / run_dir) for other data")
+                        f"(--out / run_dir) for other data")
     if recorded is None and data is not None:
         atomic_write_json({"data": data}, record)
-    return RunLayout(root, data or recorded)
+    return RunLayout(root, data)
 
 
 def config_key(cfg_dict: dict[str, Any]) -> str:

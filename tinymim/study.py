@@ -421,6 +421,15 @@ def plot_study(results: Sequence[dict[str, Any]]):
     return fig
 
 
+def _recorded_gain(entry: dict[str, Any]) -> Summary | None:
+    """A finding's gain as metrics.json holds it: a `Summary` dict, or (reports written before
+    the study kept whole summaries) its mean with `std` and `n` beside it."""
+    gain = entry.get("gain")
+    if isinstance(gain, dict):
+        return Summary.from_dict(gain)
+    return None if gain is None else Summary(gain, entry.get("std"), entry.get("n", 0), ())
+
+
 def beside_table(results: Sequence[dict[str, Any]], other: Path, here: Path | str) -> list[str]:
     """Each finding's top-1 verdict in this study and in the study at `other` (another dataset
     under the same budget), and whether they agree: where the finding depends on the data."""
@@ -436,8 +445,7 @@ def beside_table(results: Sequence[dict[str, Any]], other: Path, here: Path | st
         other_f = theirs.get(f["rows"] + f["claim"])
         if other_f is None:
             continue
-        g = other_f["top1"]["gain"]
-        other_gain = Summary.from_dict(g) if g else None
+        other_gain = _recorded_gain(other_f["top1"])
         same = f["top1"]["verdict"] == other_f["top1"]["verdict"]
         agree, compared = agree + same, compared + 1
         lines.append(f"| {f['rows']} | {f['claim']} | {f['top1']['verdict']} ({_pm(f['top1']['gain'])}) | "
