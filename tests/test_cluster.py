@@ -141,7 +141,8 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, work, teacher):
 
 
 def test_a_failing_task_stops_the_caller_with_its_error(slurm, work):
-    cfg = get_config("finetune", "micro_tiny", "smoke", TINY | {"data": str(work / "no-such-data")})
+    # num_classes given: the folder is then first read inside the task (left out, the config resolves it here)
+    cfg = get_config("finetune", "micro_tiny", "smoke", TINY | {"data": str(work / "no-such-data"), "num_classes": 10})
     with pytest.raises(launch.LaunchFailed, match=r"on SLURM job \d+: task \d failed: .*no-such-data"):
         launch.train_stage("finetune", cfg, work / "fails", device="cpu", progress=False,
                            cluster={"tasks_per_node": 2, "time": "0:10"})

@@ -20,13 +20,13 @@ from .data import describe, short_name
 from .stats import Summary, mean_std, verdict
 
 
-def _jsonable(value: Any, root: Path) -> Any:
+def jsonable(value: Any, root: Path) -> Any:
     """`value` as JSON data; a path inside the run directory `root` relative to it, so a committed
     metrics.json names no machine's folders and a moved run directory still reads."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v, root) for k, v in value.items()}
+        return {str(k): jsonable(v, root) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v, root) for v in value]
+        return [jsonable(v, root) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         value = value.item()
     if isinstance(value, (str, os.PathLike)) and os.path.isabs(value) and Path(value).is_relative_to(root):
@@ -45,7 +45,7 @@ def record_metrics(run_dir: str | os.PathLike, section: str, metrics: dict[str, 
     path = Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = load_metrics(run_dir)
-    data[section] = {**_jsonable(metrics, Path(run_dir).resolve()), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data[section] = {**jsonable(metrics, Path(run_dir).resolve()), "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     return atomic_write(path, lambda f: f.write(text.encode()))
 

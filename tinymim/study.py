@@ -29,7 +29,7 @@ from .devices import environment
 from .launch import train_stage
 from .pipeline import config_key, copy_teacher, smoke_teacher, smoke_teacher_run
 from .presets import get_config
-from .reports import markdown_to_html
+from .reports import jsonable, markdown_to_html
 from .robustness import evaluate_robustness
 from .stats import Summary, mean_std, paired_gain
 from .stats import verdict as stats_verdict
@@ -540,8 +540,8 @@ def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None
         md += ["", *beside_table(results, beside, where)]
     md += ["", "## Figures", "", "![study](figures/study.png)", ""]
     text = "\n".join(md) + "\n"
-    atomic_write_json(_plain({"state": state, "runs": results, "summary": summary, "findings": verdicts}),
-                      out / "metrics.json")
+    record = _plain({"state": state, "runs": results, "summary": summary, "findings": verdicts})
+    atomic_write_json(jsonable(record, out.resolve()), out / "metrics.json")  # paths inside `out` relative
     html = markdown_to_html(text, out, title="TinyMIM study")
     atomic_write(out / "REPORT.md", lambda f: f.write(text.encode()))
     atomic_write(out / "report.html", lambda f: f.write(html.encode()))
