@@ -63,6 +63,19 @@ def header_size(path: str | os.PathLike) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({e})") from e
 
 
+# the `augment.Source` methods of images already decoded in memory (MemoryImages, cache.CachedImages)
+def held_pil(self: Any, i: int) -> Image.Image:
+    return Image.fromarray(self.image(i).permute(1, 2, 0).numpy())
+
+
+def held_size(self: Any, i: int) -> tuple[int, int]:
+    return tuple(self.image(i).shape[-2:])  # type: ignore[return-value]
+
+
+def held_encoded(self: Any, i: int) -> None:
+    return None  # already decoded: nothing to decode on the device
+
+
 class MemoryImages:
     """A `Source` over uint8 N x 3 x H x W images held in memory, with optional labels and
     masks (the built-in datasets)."""
@@ -89,14 +102,7 @@ class MemoryImages:
     def image(self, i: int) -> torch.Tensor:
         return self.images[i]
 
-    def pil(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-
-    def size(self, i: int) -> tuple[int, int]:
-        return tuple(self.images.shape[-2:])  # type: ignore[return-value]
-
-    def encoded(self, i: int) -> None:
-        return None
+    pil, size, encoded = held_pil, held_size, held_encoded
 
     def target(self, i: int) -> Any:
         return None if self.labels is None else int(self.labels[i])
