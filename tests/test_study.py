@@ -46,7 +46,10 @@ def test_plan_gives_every_arm_one_budget_and_wires_chains(tmp_path):
     runs = {r.arm.name: r for r in plan(tmp_path, ARMS, [0, 1], budget, tmp_path / "teacher.pth") if r.seed == 1}
     assert {r.configs["finetune"].steps for r in runs.values()} == {budget.finetune_steps}
     assert {r.configs["finetune"].seed for r in runs.values()} == {1}
-    assert {r.configs["segmentation"].steps for n, r in runs.items() if n != "teacher"} == {budget.segmentation_steps}
+    assert not any("segmentation" in r.configs for r in runs.values())  # the study budget has none
+    tiny = {r.arm.name: r for r in plan(tmp_path, ARMS, [0], BUDGETS["tiny"], tmp_path / "teacher.pth")}
+    assert {r.configs["segmentation"].steps for n, r in tiny.items() if n != "teacher"} == {
+        BUDGETS["tiny"].segmentation_steps}
     assert runs["scratch"].configs["finetune"].pretrained is None and runs["scratch"].configs["finetune"].layer_decay == 1.0
     seq = runs["sequential"]
     assert (seq.configs["pretrain0"].model, seq.configs["pretrain1"].model) == ("micro_small", "micro_tiny")
