@@ -69,15 +69,20 @@ def test_plan_gives_every_arm_one_budget_and_wires_chains(tmp_path):
         assert diff == {field}, name
 
 
-def _fake_study(out, seeds=(0, 1, 2)):
+def _fake_study(out, seeds=(0, 1, 2), mask_free=False, step=1.0):
+    """Results whose top-1 rises by `step` with the arm's position; `mask_free`: no mIoU, as
+    on data without masks or in a budget without segmentation."""
     for seed in seeds:
         for i, arm in enumerate(ARMS):
             run = out / "runs" / f"{arm.name}-s{seed}"
             run.mkdir(parents=True)
-            res = {"arm": arm.name, "row": arm.row, "seed": seed, "top1": 20.0 + i + seed * 0.1,
-                   "mIoU": None if arm.name == "teacher" else 10.0 + i, "c_error": 80.0 - i, "total_seconds": 60.0}
+            res = {"arm": arm.name, "row": arm.row, "seed": seed, "top1": 20.0 + step * i + seed * 0.1,
+                   "mIoU": None if arm.name == "teacher" or mask_free else 10.0 + i, "c_error": 80.0 - i,
+                   "total_seconds": 60.0}
             (run / "result.json").write_text(json.dumps(res))
-    (out / "study.json").write_text(json.dumps({"budget": "study", "budget_steps": {"finetune_steps": 250}}))
+    seg = {"segmentation_steps": 500} if step < 0 else {}  # the digits study's budget named its unused UperNet steps
+    (out / "study.json").write_text(json.dumps({"budget": "study", "seeds": list(seeds),
+                                                "budget_steps": {"finetune_steps": 250} | seg}))
 
 
 def test_report_has_every_row_with_mean_std_and_a_verdict(tmp_path):
@@ -97,6 +102,29 @@ def test_report_has_every_row_with_mean_std_and_a_verdict(tmp_path):
     assert "data:image/png;base64," in html and "figures/study.png" not in html
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert len(saved["runs"]) == 3 * len(ARMS) and saved["summary"]["relation"]["top1"]["n"] == 3
+
+
+def test_beside_another_study_says_where_verdicts_agree_and_whether_budgets_match(tmp_path):
+    synthetic, digits = tmp_path / "synthetic", tmp_path / "digits"
+    _fake_study(synthetic)
+    render_study(synthetic)
+    _fake_study(digits, mask_free=True, step=-1.0)  # every arm worse than the one before it: verdicts flip
+    text = render_study(digits, beside=synthetic)["markdown"].read_text()
+    assert "The same arms, budget and seeds on synthetic" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| (c) vs (a) |") and ln.endswith("differ |"))
+    assert "does not hold at this scale (-2.0 ± 0.0) | holds (+2.0 ± 0.0)" in row
+    assert "(no segmentation: this data has no masks)" in text and "mIoU (%)" not in text
+    # a budget that feeds top-1 differently is named, not passed over
+    state = json.loads((digits / "study.json").read_text())
+    (digits / "study.json").write_text(json.dumps(state | {"budget_steps": {"finetune_steps": 200}}))
+    text = render_study(digits, beside=synthetic)["markdown"].read_text()
+    assert "not the same budget or seeds (finetune_steps 200 here, 250 there)" in text
+
+
+def test_a_budget_without_segmentation_says_why(tmp_path):
+    _fake_study(tmp_path, mask_free=True)
+    text = render_study(tmp_path)["markdown"].read_text()
+    assert "(no segmentation: its budget has none, since a UperNet" in text and "mIoU gain" not in text
 
 
 def test_report_refuses_an_empty_study(tmp_path):

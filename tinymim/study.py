@@ -431,15 +431,32 @@ def _recorded_gain(entry: dict[str, Any]) -> Summary | None:
     return None if gain is None else Summary(gain, entry.get("std"), entry.get("n", 0), ())
 
 
-def beside_table(results: Sequence[dict[str, Any]], other: Path, here: Path | str) -> list[str]:
-    """Each finding's top-1 verdict in this study and in the study at `other` (another dataset
-    under the same budget), and whether they agree: where the finding depends on the data."""
-    theirs = {f["rows"] + f["claim"]: f for f in json.loads((other / "metrics.json").read_text())["findings"]}
-    state = json.loads((other / "metrics.json").read_text())["state"]
+def _same_budget(here: dict[str, Any], there: dict[str, Any], name: str) -> str:
+    """Whether two studies' top-1 verdicts are comparable: the same seeds and the same steps
+    of every stage before fine-tuning's top-1 (segmentation does not feed it); what differs, if not."""
+    def steps(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (state.get("budget_steps") or {}).items() if not k.startswith("segmentation")}
+
+    differ = [f"{k} {steps(here).get(k)} here, {steps(there).get(k)} there"
+              for k in sorted(steps(here) | steps(there)) if steps(here).get(k) != steps(there).get(k)]
+    if here.get("seeds") != there.get("seeds"):
+        differ.append(f"seeds {here.get('seeds')} here, {there.get('seeds')} there")
+    if not differ:
+        return f"The same arms, budget and seeds on {name}"
+    return f"The same arms on {name}, but not the same budget or seeds ({'; '.join(differ)})"
+
+
+def beside_table(results: Sequence[dict[str, Any]], other: Path, here_state: dict[str, Any]) -> list[str]:
+    """Each finding's top-1 verdict in this study (its state `here_state`) and in the study at
+    `other` (another dataset), and whether they agree: where the finding depends on the data.
+    Says whether the two ran the same budget and seeds."""
+    recorded = json.loads((other / "metrics.json").read_text())
+    theirs = {f["rows"] + f["claim"]: f for f in recorded["findings"]}
+    state = recorded["state"]
     name = state.get("data", "synthetic")
     shown = other.resolve().relative_to(REPO_ROOT) if other.resolve().is_relative_to(REPO_ROOT) else other
     lines = [f"## Beside the study on {name} (`{shown}`)", "",
-             f"The same arms, budget and seeds on {name}; top-1 verdicts side by side (gains in points).", "",
+             f"{_same_budget(here_state, state, name)}; top-1 verdicts side by side (gains in points).", "",
              f"| row | claim | here | on {name} | |", "|---|---|---|---|---|"]
     agree = compared = 0
     for f in findings_table(results):
@@ -546,7 +563,7 @@ def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None
            f"({_pm(v['top1']['gain'])} points over {v['top1']['gain'].n if v['top1']['gain'] else 0} seeds)."
            for v in verdicts]
     if beside is not None:
-        md += ["", *beside_table(results, beside, where)]
+        md += ["", *beside_table(results, beside, state)]
     md += ["", "## Figures", "", "![study](figures/study.png)", ""]
     text = "\n".join(md) + "\n"
     record = _plain({"state": state, "runs": results, "summary": summary, "findings": verdicts})
