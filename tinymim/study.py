@@ -2,10 +2,11 @@
 synthetic shapes, the real handwritten digits) or a folder of your own?
 
 Each *arm* is one way of getting a micro ViT-T student (from scratch, MAE, or one
-distillation recipe); every arm is then fine-tuned, corruption-tested (and segmented, in a
-budget that has segmentation and on data with masks) under one identical budget, over several seeds (a seed varies the student's init and data order
-in every stage; the MAE micro teacher, trained on the study's own data, is shared). Each *finding* compares two arms the way
-the paper's ablation tables do, and gets a verdict computed from the numbers.
+distillation recipe); every arm is then fine-tuned and corruption-tested (and segmented, in
+a budget with segmentation on data with masks) under one identical budget, over several
+seeds (a seed varies the student's init and data order in every stage; the MAE micro
+teacher, trained on the study's own data, is shared). Each *finding* compares two arms the
+way the paper's ablation tables do, and gets a verdict computed from the numbers.
 
 Runs live under `<out>/runs/<arm>-s<seed>/` and every stage resumes (a finished stage with
 the same config is read back, a killed one continues from its checkpoint), so a killed
@@ -59,8 +60,8 @@ class Budget:
 
 
 BUDGETS = {
-    # what reports/study and reports/study-digits were made with (their REPORT.md state the time):
-    # all arms and 3 seeds within an hour on a 2-core CPU, the teacher included. No segmentation:
+    # what reports/study and reports/study-digits were made with (their REPORT.md state the time,
+    # teacher included: 65-70 min on a 2-core CPU for all arms and 3 seeds). No segmentation:
     # a UperNet on the release's BEiT-style backbone (mmseg's initialisation) needs more steps
     # than a study arm can afford to leave the majority-class floor; notebook 04 segments at
     # the smoke budget
@@ -161,7 +162,8 @@ class StudyRun:
 def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, teacher: Path,
          data: str = "synthetic") -> list[StudyRun]:
     """Every (arm, seed) run with its stage configs on `data`, seed-major so that a partial
-    study already has every row; no segmentation on data without masks or in a budget without it."""
+    study already has every row; no segmentation on data without masks or in a budget
+    without it."""
     runs = []
     on = {"data": data}
     for seed in seeds:
@@ -187,7 +189,8 @@ def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, t
             if pretrained is None:
                 ft["layer_decay"] = 1.0  # no pre-trained hierarchy to preserve (notebook 03's convention)
             run.configs["finetune"] = get_config("finetune", arm.model, "smoke", ft | on)
-            if arm.name != "teacher" and budget.segmentation_steps and has_masks(data):  # the teacher is the premise's reference: top-1 and C
+            # the teacher is the premise's reference: top-1 and C only
+            if arm.name != "teacher" and budget.segmentation_steps and has_masks(data):
                 seg = {"pretrained": pretrained, "steps": budget.segmentation_steps, "seed": seed,
                        "warmup_steps": budget.segmentation_steps // 12, "batch_size": budget.segmentation_batch,
                        "channels": budget.segmentation_channels,
@@ -472,9 +475,9 @@ def beside_table(results: Sequence[dict[str, Any]], other: Path, here_state: dic
     return lines
 
 
-def _no_segmentation(budget: dict[str, Any]) -> str:
-    """Why a study has no mIoU column, from its recorded budget."""
-    if budget.get("segmentation_steps") is None:
+def _no_segmentation(budget: dict[str, Any], data: str) -> str:
+    """Why a study has no mIoU column, from its recorded budget and data."""
+    if budget.get("segmentation_steps") is None and not (is_builtin(data) and not has_masks(data)):
         return ("its budget has none, since a UperNet on the release's BEiT-style backbone stays at the "
                 "majority-class floor at the steps a study arm can afford; notebook 04 segments at the smoke budget")
     return "this data has no masks"
@@ -532,7 +535,7 @@ def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None
           f"{' / '.join(f'{n:,}'.replace(',', ' ') for n in labelled) or '?'} labelled images for the same number "
           "of steps"
           + (", trained as a UperNet segmenter for the same number of steps" if segmented else
-             f" (no segmentation: {_no_segmentation(budget)})")
+             f" (no segmentation: {_no_segmentation(budget, data)})")
           + f" and tested on {c_name}{corrupted}. "
           "Verdicts compare two arms seed by seed: the gain is mean ± std over seeds of the paired "
           "difference (in the metric's good direction); a gain within 2 std is inconclusive.", ""]
