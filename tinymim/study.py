@@ -425,23 +425,13 @@ def plot_study(results: Sequence[dict[str, Any]]):
     return fig
 
 
-def _recorded_gain(entry: dict[str, Any]) -> Summary | None:
-    """A finding's gain as metrics.json holds it: a `Summary` dict, or (reports written before
-    the study kept whole summaries) its mean with `std` and `n` beside it."""
-    gain = entry.get("gain")
-    if isinstance(gain, dict):
-        return Summary.from_dict(gain)
-    return None if gain is None else Summary(gain, entry.get("std"), entry.get("n", 0), ())
-
-
 def _same_budget(here: dict[str, Any], there: dict[str, Any], name: str) -> str:
     """Whether two studies' top-1 verdicts are comparable: the same seeds and the same steps
     of every stage before fine-tuning's top-1 (segmentation does not feed it); what differs, if not."""
-    def steps(state: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in (state.get("budget_steps") or {}).items() if not k.startswith("segmentation")}
-
-    differ = [f"{k} {steps(here).get(k)} here, {steps(there).get(k)} there"
-              for k in sorted(steps(here) | steps(there)) if steps(here).get(k) != steps(there).get(k)]
+    ours, theirs = ({k: v for k, v in (state.get("budget_steps") or {}).items() if not k.startswith("segmentation")}
+                    for state in (here, there))
+    differ = [f"{k} {ours.get(k)} here, {theirs.get(k)} there"
+              for k in sorted(ours | theirs) if ours.get(k) != theirs.get(k)]
     if here.get("seeds") != there.get("seeds"):
         differ.append(f"seeds {here.get('seeds')} here, {there.get('seeds')} there")
     if not differ:
@@ -466,7 +456,8 @@ def beside_table(results: Sequence[dict[str, Any]], other: Path, here_state: dic
         other_f = theirs.get(f["rows"] + f["claim"])
         if other_f is None:
             continue
-        other_gain = _recorded_gain(other_f["top1"])
+        g = other_f["top1"]["gain"]
+        other_gain = Summary.from_dict(g) if g else None
         same = f["top1"]["verdict"] == other_f["top1"]["verdict"]
         agree, compared = agree + same, compared + 1
         lines.append(f"| {f['rows']} | {f['claim']} | {f['top1']['verdict']} ({_pm(f['top1']['gain'])}) | "
