@@ -86,7 +86,7 @@ def test_explorer_notebook_runs_and_its_widgets_respond_in_jupyterlab(lab):
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             image = page.locator("img.widget-image").first
-            image.wait_for(state="attached", timeout=120_000)
+            image.wait_for(state="attached", timeout=240_000)  # a fresh venv's first kernel reads a cold disk
             page.wait_for_function("() => document.querySelectorAll('.jp-InputArea-prompt').length > 0 && "
                                    "![...document.querySelectorAll('.jp-InputArea-prompt')]"
                                    ".some(e => e.textContent.includes('[*]'))", timeout=180_000)
@@ -102,8 +102,17 @@ def test_explorer_notebook_runs_and_its_widgets_respond_in_jupyterlab(lab):
             page.wait_for_function("(src) => document.querySelector('img.widget-image').src !== src", arg=before,
                                    timeout=30_000)
             assert page.locator(".widget-slider", has_text="block").first.inner_text().strip().endswith("3")
-        except Exception:
+        except Exception as e:
             page.screenshot(path=str(root / "failure.png"), full_page=True)
-            raise
+            raise AssertionError(f"{e}\ncells as the page shows them (prompt, output):\n{_cells(page)}") from e
         finally:
             browser.close()
+
+
+def _cells(page) -> str:
+    """Each code cell's prompt and the start of its output: what a failed wait saw (a cell still
+    queued, an error in a cell, or no Run All at all)."""
+    rows = page.evaluate("() => [...document.querySelectorAll('.jp-CodeCell')].map(c => "
+                         "[(c.querySelector('.jp-InputArea-prompt') || {}).textContent || '', "
+                         "((c.querySelector('.jp-OutputArea') || {}).innerText || '').slice(0, 300)])")
+    return "\n".join(f"{prompt.strip() or '[ ]'} {output.strip()!r}" for prompt, output in rows)

@@ -3,6 +3,7 @@ the commands of docs/clusters.md with one node and CPU tasks (gloo). Each test s
 folder of its own (job ids restart with the cluster, and submitit reads results by id)."""
 
 import _thread
+import functools
 import json
 import os
 import subprocess
@@ -87,11 +88,12 @@ def test_a_notebook_cell_with_a_cluster_returns_the_in_process_result(slurm, wor
     assert same_weights(local.path, out / "model.pth")
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5, seen=lambda: "") -> None:
+    """Poll until `predicate` holds; on timeout the message adds `seen()`, what the job did."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
+            raise AssertionError(f"{what} within {timeout} s{seen()}")
         time.sleep(poll)
 
 
@@ -118,23 +120,35 @@ def test_a_requeued_job_finishes_with_the_uninterrupted_weights(slurm, work, tea
     assert same_weights(torchrun_student, out / "student.pth")
 
 
+def _job_seen(job, out) -> str:
+    """The job's state, its attempts and the end of its last log, for a failed wait."""
+    log = slurm_jobs.rank0_log(job)
+    tail = log.read_text()[-1500:] if log.exists() else "(no log)"
+    return (f"; job {job.job_id} {_state(job.job_id)}, {_logged_steps(out)} step(s) logged, "
+            f"attempts {slurm_jobs.attempts(out)}; log:\n{tail}")
+
+
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, work, teacher):
-    """SLURM's own warning before a one-minute limit (not a signal we send): the job is requeued
+    """SLURM's own warning before a two-minute limit (not a signal we send): the job is requeued
     and its next attempt continues from the checkpoint (a run longer than any attempt, cancelled
-    once the second attempt has trained, so the test does not depend on this machine's speed)."""
+    once the second attempt has trained, so the test does not depend on this machine's speed).
+    SLURM may send the warning up to 60 s early (sbatch(1), --signal): a 15 s warning before a
+    2-minute limit leaves every attempt at least 45 s, where a 35 s one before 1 minute could
+    come as an attempt starts, every time, on a slow machine."""
     cfg = get_config("pretrain", "micro_tiny", "smoke", TINY | {"teacher_path": str(teacher), "steps": 100000,
                                                                "ckpt_every": 25, "log_every": 25})
     out = work / "time-limit"
-    job = slurm_jobs.submit("pretrain", cfg, out, slurm_jobs.Cluster(time="0:01", signal_delay_s=35), "cpu")
+    job = slurm_jobs.submit("pretrain", cfg, out, slurm_jobs.Cluster(time="0:02", signal_delay_s=15), "cpu")
+    seen = functools.partial(_job_seen, job, out)
     try:
-        _wait_for(lambda: _logged_steps(out) >= 1, 180, "a checkpoint")  # step 25: logged and checkpointed
+        _wait_for(lambda: _logged_steps(out) >= 1, 180, "a checkpoint", seen=seen)  # step 25: logged and checkpointed
         trained_in = len(slurm_jobs.attempts(out))  # SLURM's warning may come before an attempt trains
-        _wait_for(lambda: len(slurm_jobs.attempts(out)) > trained_in, 180, "a requeue at the time limit")
+        _wait_for(lambda: len(slurm_jobs.attempts(out)) > trained_in, 240, "a requeue at the time limit", seen=seen)
         before = _logged_steps(out)
-        _wait_for(lambda: _logged_steps(out) >= before + 2, 120, "the next attempt training")
+        _wait_for(lambda: _logged_steps(out) >= before + 2, 120, "the next attempt training", seen=seen)
     finally:
         job.cancel(check=False)
-    _wait_for(lambda: _state(job.job_id) == "CANCELLED", 30, "the job cancelled")
+    _wait_for(lambda: _state(job.job_id) == "CANCELLED", 30, "the job cancelled", seen=seen)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[0] == 25  # each attempt resumed, none restarted from 0
     assert [a["restart"] for a in slurm_jobs.attempts(out)] == list(range(len(slurm_jobs.attempts(out))))
@@ -216,7 +230,8 @@ def test_a_detached_study_is_a_teacher_job_and_a_job_array_a_later_study_reads(s
     from tinymim import pipeline, study
 
     out = work / "study"
-    cached = (pipeline.smoke_teacher_run(study.BUDGETS["tiny"].teacher)[1] / "teacher.pth").exists()  # earlier tests
+    teacher_cache = pipeline.smoke_teacher_run(study.BUDGETS["tiny"].teacher_overrides("synthetic"))[1]
+    cached = (teacher_cache / "teacher.pth").exists()  # earlier tests
     done = subprocess.run([sys.executable, "-m", "tinymim", "study", "--budget", "tiny", "--seeds", "1", "--only", "a",
                            "--out", str(out), "--device", "cpu", "--cluster", "slurm", "--time", "0:10", "--detach"],
                           capture_output=True, text=True, timeout=120, check=True)

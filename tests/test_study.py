@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tinymim import study
-from tinymim.study import ARMS, BUDGETS, FINDINGS, Finding, plan, render_study, select_arms, verdict
+from tinymim.presets import get_config
+from tinymim.study import ARMS, BUDGETS, FINDINGS, TEACHER, Finding, plan, render_study, select_arms, verdict
 
 
 def _results(values: dict[str, list[float]], metric: str = "top1") -> list[dict]:
@@ -47,6 +48,9 @@ def test_plan_gives_every_arm_one_budget_and_wires_chains(tmp_path):
     assert {r.configs["finetune"].steps for r in runs.values()} == {budget.finetune_steps}
     assert {r.configs["finetune"].seed for r in runs.values()} == {1}
     assert not any("segmentation" in r.configs for r in runs.values())  # the study budget has none
+    # one precision on every machine, the teacher's too: "auto" differs between CPUs
+    assert {cfg.amp for r in runs.values() for cfg in r.configs.values()} == {budget.amp} == {"none"}
+    assert get_config("mae", TEACHER, "smoke", budget.teacher_overrides("synthetic")).amp == "none"
     tiny = {r.arm.name: r for r in plan(tmp_path, ARMS, [0], BUDGETS["tiny"], tmp_path / "teacher.pth")}
     assert {r.configs["segmentation"].steps for n, r in tiny.items() if n != "teacher"} == {
         BUDGETS["tiny"].segmentation_steps}

@@ -53,10 +53,17 @@ class Budget:
     segmentation_channels: int | None = None  # UperNet width (auxiliary head: half)
     corruptions: tuple[str, ...] | None = None  # None = all 15
     teacher: dict[str, Any] | None = None  # the MAE teacher's overrides of the smoke preset (None: as it is)
+    # every stage's precision, the teacher's too, on any device: "auto" is bf16 on a CPU with
+    # AVX512-BF16 and fp32 on one without, and the two give different verdicts (docs/study.md)
+    amp: str = "none"
 
     def pretrain(self) -> dict[str, Any]:
         return {"steps": self.pretrain_steps, "warmup_steps": self.pretrain_steps // 10,
                 "batch_size": self.pretrain_batch}
+
+    def teacher_overrides(self, data: str) -> dict[str, Any]:
+        """The MAE teacher's overrides of the smoke preset on `data` (its cache key)."""
+        return (self.teacher or {}) | {"data": data, "amp": self.amp}
 
 
 BUDGETS = {
@@ -165,7 +172,7 @@ def plan(out: Path, arms: Sequence[Arm], seeds: Sequence[int], budget: Budget, t
     study already has every row; no segmentation on data without masks or in a budget
     without it."""
     runs = []
-    on = {"data": data}
+    on = {"data": data, "amp": budget.amp}
     for seed in seeds:
         for arm in arms:
             run = StudyRun(arm, seed, out / "runs" / f"{arm.name}-s{seed}")
@@ -270,7 +277,7 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
         raise ValueError("seeds: at least one seed")
     out = Path(out) if out else default_out(budget, data)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_overrides = (BUDGETS[budget].teacher or {}) | {"data": data}
+    teacher_overrides = BUDGETS[budget].teacher_overrides(data)
     teacher = smoke_teacher(out / "teacher", teacher_overrides, progress=progress, device=device, nproc=nproc,
                             cluster=cluster)
     teacher_cfg = get_config("mae", TEACHER, "smoke", teacher_overrides)
@@ -294,6 +301,17 @@ def run_study(out: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1
              "train_seconds": round(sum(r["total_seconds"] for r in results), 1)}
     atomic_write_json(state, out / "study.json")
     return results
+
+
+def _budget_shown(name: str, value: Any, segmented: bool) -> bool:
+    """The budget's steps and sizes in a report's header (its precision is said in words)."""
+    return value is not None and name != "amp" and (segmented or "segment" not in name)
+
+
+def _precision(budget: dict[str, Any]) -> str:
+    """' (fp32 throughout)' and the like, from a recorded budget (older ones did not pin it)."""
+    amp = budget.get("amp")
+    return {"none": " (fp32 throughout)", "bf16": " (bf16 autocast)", "fp16": " (fp16 autocast)"}.get(amp, "")
 
 
 def teacher_seconds(metrics: Path, batch_size: int) -> float:
@@ -330,7 +348,7 @@ def submit_detached(out: str | os.PathLike | None, seeds: Sequence[int], only: S
 
     spec = slurm.Cluster.from_dict(cluster)
     out = Path(out) if out else default_out(budget, data)
-    cfg, cache = smoke_teacher_run((BUDGETS[budget].teacher or {}) | {"data": data})
+    cfg, cache = smoke_teacher_run(BUDGETS[budget].teacher_overrides(data))
     after = []
     if not (cache / "teacher.pth").exists():
         after = [slurm.submit("mae", cfg, cache, spec, device).job_id]
@@ -513,8 +531,8 @@ def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None
           "",
           f"Every number below was measured by `tinymim study` in `{where}` and is in `metrics.json`: "
           f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
-          f"({', '.join(f'{k} {v}' for k, v in budget.items() if v is not None and (segmented or 'segment' not in k))}). "
-          f"Training and evaluation took {train_min:.1f} min on {_host(state.get('environment'))} "
+          f"({', '.join(f'{k} {v}' for k, v in budget.items() if _budget_shown(k, v, segmented))}). "
+          f"Training and evaluation{_precision(budget)} took {train_min:.1f} min on {_host(state.get('environment'))} "
           f"(per seed: {per_seed} min); the MAE teacher took {teacher_min:.1f} min more (from its logged "
           f"throughput; it is trained once per data and cached): {train_min + teacher_min:.1f} min in all.", "",
           *([f"> **Budget `{state['budget']}`: a check of the machinery; its numbers mean nothing.** "
