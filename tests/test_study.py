@@ -123,6 +123,11 @@ def test_beside_another_study_says_where_verdicts_agree_and_whether_budgets_matc
     (digits / "study.json").write_text(json.dumps(state | {"budget_steps": {"finetune_steps": 200}}))
     text = render_study(digits, beside=synthetic)["markdown"].read_text()
     assert "not the same budget or seeds (finetune_steps 200 here, 250 there)" in text
+    # so is the precision: amp=auto on a CPU with native bf16 trained in bf16, the other in fp32
+    bf16_cpu = {"cpu": "x86_64", "cpus": 2, "gpus": [], "cpu_native_bf16": True}
+    (digits / "study.json").write_text(json.dumps(state | {"environment": bf16_cpu}))
+    text = render_study(digits, beside=synthetic)["markdown"].read_text()
+    assert "(amp bf16 here, fp32 there)" in text and "Training and evaluation (in bf16) took" in text
 
 
 def test_a_budget_without_segmentation_says_why(tmp_path):

@@ -308,10 +308,16 @@ def _budget_shown(name: str, value: Any, segmented: bool) -> bool:
     return value is not None and name != "amp" and (segmented or "segment" not in name)
 
 
-def _precision(budget: dict[str, Any]) -> str:
-    """' (fp32 throughout)' and the like, from a recorded budget (older ones did not pin it)."""
-    amp = budget.get("amp")
-    return {"none": " (fp32 throughout)", "bf16": " (bf16 autocast)", "fp16": " (fp16 autocast)"}.get(amp, "")
+def precision(state: dict[str, Any]) -> str:
+    """The precision a recorded study trained in: its budget's `amp`, or for a budget that
+    left it to the device (older studies: `auto`), what `autocast_dtype` chose on its host."""
+    amp = (state.get("budget_steps") or {}).get("amp", "auto")
+    if amp != "auto":
+        return {"none": "fp32"}.get(amp, amp)
+    env = state.get("environment") or {}
+    if env.get("gpus"):
+        return "auto (bf16 or fp16 per GPU)"
+    return "bf16" if env.get("cpu_native_bf16") else "fp32"
 
 
 def teacher_seconds(metrics: Path, batch_size: int) -> float:
@@ -444,10 +450,10 @@ def plot_study(results: Sequence[dict[str, Any]]):
 
 
 def _same_budget(here: dict[str, Any], there: dict[str, Any], name: str) -> str:
-    """Whether two studies' top-1 verdicts are comparable: the same seeds and the same steps
+    """Whether two studies' top-1 verdicts are comparable: the same seeds, precision and steps
     of every stage before fine-tuning's top-1 (segmentation does not feed it); what differs, if not."""
     ours, theirs = ({k: v for k, v in (state.get("budget_steps") or {}).items() if not k.startswith("segmentation")}
-                    for state in (here, there))
+                    | {"amp": precision(state)} for state in (here, there))
     differ = [f"{k} {ours.get(k)} here, {theirs.get(k)} there"
               for k in sorted(ours | theirs) if ours.get(k) != theirs.get(k)]
     if here.get("seeds") != there.get("seeds"):
@@ -459,7 +465,7 @@ def _same_budget(here: dict[str, Any], there: dict[str, Any], name: str) -> str:
 
 def beside_table(results: Sequence[dict[str, Any]], other: Path, here_state: dict[str, Any]) -> list[str]:
     """Each finding's top-1 verdict in this study (its state `here_state`) and in the study at
-    `other` (another dataset), and whether they agree: where the finding depends on the data.
+    `other` (another dataset, or the same one in another precision), and whether they agree.
     Says whether the two ran the same budget and seeds."""
     recorded = json.loads((other / "metrics.json").read_text())
     theirs = {f["rows"] + f["claim"]: f for f in recorded["findings"]}
@@ -480,7 +486,8 @@ def beside_table(results: Sequence[dict[str, Any]], other: Path, here_state: dic
         agree, compared = agree + same, compared + 1
         lines.append(f"| {f['rows']} | {f['claim']} | {f['top1']['verdict']} ({_pm(f['top1']['gain'])}) | "
                      f"{other_f['top1']['verdict']} ({_pm(other_gain)}) | {'agree' if same else 'differ'} |")
-    lines += ["", f"{agree} of {compared} findings get the same top-1 verdict on both datasets."]
+    both = "studies" if name == here_state.get("data", "synthetic") else "datasets"
+    lines += ["", f"{agree} of {compared} findings get the same top-1 verdict in both {both}."]
     return lines
 
 
@@ -532,7 +539,8 @@ def render_study(out: str | os.PathLike, beside: str | os.PathLike | None = None
           f"Every number below was measured by `tinymim study` in `{where}` and is in `metrics.json`: "
           f"{len(results)} runs, seeds {seeds}, budget `{state.get('budget', '?')}` "
           f"({', '.join(f'{k} {v}' for k, v in budget.items() if _budget_shown(k, v, segmented))}). "
-          f"Training and evaluation{_precision(budget)} took {train_min:.1f} min on {_host(state.get('environment'))} "
+          f"Training and evaluation (in {precision(state)}) took {train_min:.1f} min on "
+          f"{_host(state.get('environment'))} "
           f"(per seed: {per_seed} min); the MAE teacher took {teacher_min:.1f} min more (from its logged "
           f"throughput; it is trained once per data and cached): {train_min + teacher_min:.1f} min in all.", "",
           *([f"> **Budget `{state['budget']}`: a check of the machinery; its numbers mean nothing.** "
