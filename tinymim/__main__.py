@@ -358,7 +358,7 @@ def _args_study(p: argparse.ArgumentParser) -> None:
                                               "a folder's study: the cache)")
     p.add_argument("--data", default="synthetic", help="synthetic (default) | digits | a folder with train/ and val/ "
                                                        "class folders")
-    p.add_argument("--budget", default="study", help="study (about 20 min per seed here) | tiny (a machinery check)")
+    p.add_argument("--budget", default="study", help="study (about 15 min per seed on 2 CPU cores) | tiny (a machinery check)")
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")
