@@ -85,7 +85,7 @@ def test_benchmarks_page_is_written_from_the_records(tmp_path):
     and BENCHMARKS.md regenerated from all of them -- every figure on the page is a record's."""
     from tinymim import bench_report
 
-    distill = bench.bench_distill("micro_tiny", "micro_base", batch=4, steps=1, device="cpu")
+    distill = bench.bench_distill("micro_tiny", "micro_base", batch=4, steps=1, precision="fp32", device="cpu")
     ft = bench.bench_eval("micro_tiny", batch=4, steps=1, device="cpu")
     for record in (distill, ft, ft):
         bench_report.save(record, tmp_path)
