@@ -54,7 +54,7 @@ class Budget:
     corruptions: tuple[str, ...] | None = None  # None = all 15
     teacher: dict[str, Any] | None = None  # the MAE teacher's overrides of the smoke preset (None: as it is)
     # every stage's precision, the teacher's too, on any device: "auto" is bf16 on a CPU with
-    # AVX512-BF16 and fp32 on one without, and the two give different verdicts (docs/study.md)
+    # AVX512-BF16 and fp32 on one without, and the two give different verdicts (docs/environment.md)
     amp: str = "none"
 
     def pretrain(self) -> dict[str, Any]:
