@@ -68,7 +68,7 @@ class Budget:
 
 BUDGETS = {
     # what reports/study and reports/study-digits were made with (their REPORT.md state the time,
-    # teacher included: about 50-65 min on a 2-core CPU for all arms and 3 seeds). No segmentation:
+    # teacher included: 40-52 min on the 2-core CPUs they ran on, all arms and 3 seeds). No segmentation:
     # a UperNet on the release's BEiT-style backbone (mmseg's initialisation) needs more steps
     # than a study arm can afford to leave the majority-class floor; notebook 04 segments at
     # the smoke budget
