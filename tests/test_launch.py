@@ -42,14 +42,26 @@ def teacher(work):
     return micro_teacher(work / "teacher.pth")
 
 
+def _result_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"stage"')]
+
+
 @pytest.fixture(scope="module")
-def cli_student(work, teacher):
+def cli_run(work, teacher) -> subprocess.CompletedProcess:
     """README, one node: `torchrun --standalone --nproc_per_node 2 -m tinymim pretrain ...`."""
-    out = work / "cli"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "tinymim", "pretrain", "--out", str(out), "--device", "cpu", *_sets(teacher)],
-                   check=True, capture_output=True, text=True)
-    return out / "student.pth"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tinymim", "pretrain", "--out", str(work / "cli"), "--device", "cpu",
+                           *_sets(teacher)], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def cli_student(work, cli_run):
+    return work / "cli" / "student.pth"
+
+
+def test_the_cli_under_torchrun_prints_one_result_line(work, cli_run):
+    """Every rank returns the result; only rank 0 says it (a script reading the line reads one)."""
+    assert [r["path"] for r in _result_lines(cli_run.stdout)] == [str(work / "cli" / "student.pth")]
 
 
 def test_a_notebook_cell_launches_torchrun_and_gets_the_cli_student(work, teacher, cli_student):
@@ -88,6 +100,7 @@ def test_two_nodes_on_localhost_give_the_one_node_student(work, teacher, cli_stu
              for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
+    assert [len(_result_lines(log)) for log in logs] == [1, 0], logs  # the node of rank 0 says the result
     assert same_weights(cli_student, out / "student.pth")
     one = [json.loads(line)["loss"] for line in (cli_student.parent / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

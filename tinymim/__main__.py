@@ -203,20 +203,24 @@ def cmd_stage(args: argparse.Namespace) -> None:
     """Any registered training stage: its config, then `Stage.run`, then one JSON line of the
     result. Pre-training also takes the smoke teacher when none is given, and `--chain`."""
     from . import stages
-    from .distributed import setup as setup_distributed
+    from .distributed import setup as setup_distributed, world
     from .pretrain import pretrain_sequential
 
     stage = stages.get(args.command)
     cfg = _config(args, stage.name)
     _check_out(args.out)
     device = setup_distributed(args.device)  # a missing device is named before any work
+    rank0 = world()[0] == 0  # under torchrun every rank returns the result: one line says it
     if stage.name == "pretrain":
         _teacher_for(cfg, device)
         if args.chain:
             paths = pretrain_sequential(cfg, args.chain.split(","), args.out, device=device)
-            print(json.dumps({"stage": "pretrain", "chain": [str(p) for p in paths]}))
+            if rank0:
+                print(json.dumps({"stage": "pretrain", "chain": [str(p) for p in paths]}))
             return
-    print(json.dumps(_result_line(stage.run(cfg, args.out, device=device))))
+    result = stage.run(cfg, args.out, device=device)
+    if rank0:
+        print(json.dumps(_result_line(result)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
