@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tinymim.data import DataError, Digits, builtin, cached_folder, limit, train_source
-from tinymim.data import ImageNetFolder
+from tinymim.data import DataError, Digits, ImageNetFolder, builtin, cached_folder, limit, train_source
 from tinymim.data.digits import LABELLED_PER_CLASS
 from tinymim.presets import get_config
 

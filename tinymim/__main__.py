@@ -203,7 +203,8 @@ def cmd_stage(args: argparse.Namespace) -> None:
     """Any registered training stage: its config, then `Stage.run`, then one JSON line of the
     result. Pre-training also takes the smoke teacher when none is given, and `--chain`."""
     from . import stages
-    from .distributed import setup as setup_distributed, world
+    from .distributed import setup as setup_distributed
+    from .distributed import world
     from .pretrain import pretrain_sequential
 
     stage = stages.get(args.command)
@@ -362,7 +363,8 @@ def _args_study(p: argparse.ArgumentParser) -> None:
                                               "a folder's study: the cache)")
     p.add_argument("--data", default="synthetic", help="synthetic (default) | digits | a folder with train/ and val/ "
                                                        "class folders")
-    p.add_argument("--budget", default="study", help="study (about 15 min per seed on 2 CPU cores) | tiny (a machinery check)")
+    p.add_argument("--budget", default="study",
+                   help="study (about 15 min per seed on 2 CPU cores) | tiny (a machinery check)")
     p.add_argument("--device", default=None, help="default: auto (a GPU when there is one)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per training stage (default: one per visible GPU; >1 launches torchrun)")

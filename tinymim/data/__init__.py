@@ -15,6 +15,12 @@ from typing import Any
 
 from .augment import Classify, Segment, Views
 from .batches import Augmented, LoaderBatches, TensorBatches
+from .cache import cached_folder
+from .digits import CLASSES as DIGIT_CLASSES
+from .digits import FILTER as DIGITS_FILTER
+from .digits import LABELLED_PER_CLASS as DIGITS_LABELLED
+from .digits import VAL_FRACTION as DIGITS_VAL
+from .digits import Digits
 from .folders import (
     ADE20K,
     IGNORE_INDEX,
@@ -25,12 +31,6 @@ from .folders import (
     resource_lines,
 )
 from .sources import DataError, MemoryImages, Subsample, decode_file, open_rgb
-from .cache import cached_folder
-from .digits import CLASSES as DIGIT_CLASSES
-from .digits import FILTER as DIGITS_FILTER
-from .digits import LABELLED_PER_CLASS as DIGITS_LABELLED
-from .digits import VAL_FRACTION as DIGITS_VAL
-from .digits import Digits
 from .synthetic import SHAPES, SyntheticShapes, SyntheticSpec
 
 # sizes of the synthetic splits in the smoke profile: a large unlabelled pool for
